@@ -1,0 +1,111 @@
+"""TPSMM model hyper-parameters: one frozen dataclass, built from a ConfigDict or upstream YAML."""
+
+import dataclasses
+import json
+import math
+import pathlib
+
+import yaml
+
+from safetriage_jax.errors import SafeTriageError
+
+
+@dataclasses.dataclass(frozen=True)
+class TPSMMConfig:
+    """Every knob of the five TPSMM networks; names follow upstream's ``model_params``."""
+
+    image_size: int = 256
+    num_tps: int = 10
+    num_channels: int = 3
+    bg: bool = True
+    multi_mask: bool = True
+    # InpaintingNetwork ("generator_params").
+    generator_block_expansion: int = 64
+    generator_max_features: int = 512
+    num_down_blocks: int = 3
+    # DenseMotionNetwork ("dense_motion_params").
+    dense_block_expansion: int = 64
+    dense_max_features: int = 1024
+    dense_num_blocks: int = 5
+    scale_factor: float = 0.25
+    kp_variance: float = 0.01
+    # AVDNetwork ("avd_network_params").
+    id_bottle_size: int = 128
+    pose_bottle_size: int = 128
+
+    def __post_init__(self):
+        levels = math.log2(1 / self.scale_factor) if 0 < self.scale_factor <= 1 else -1
+        if levels != int(levels):
+            raise SafeTriageError(
+                f"scale_factor must be 1, 1/2, 1/4, ... (got {self.scale_factor}): the dense-motion "
+                "network up-samples its output by powers of two.")
+        if self.multi_mask and self.num_down_blocks != 3:
+            raise SafeTriageError(
+                "multi_mask=True needs num_down_blocks=3: the dense-motion network makes four "
+                f"occlusion masks, one per generator level (got num_down_blocks={self.num_down_blocks}).")
+        if self.image_size % (2 ** self.num_down_blocks) or self.image_size % round(1 / self.scale_factor):
+            raise SafeTriageError(
+                f"image_size {self.image_size} must be divisible by 2**num_down_blocks and by "
+                "1/scale_factor.")
+        dense_size = round(self.image_size * self.scale_factor)
+        if dense_size % (2 ** self.dense_num_blocks):
+            raise SafeTriageError(
+                f"The dense-motion hourglass runs at {dense_size}px (image_size x scale_factor), "
+                f"which {self.dense_num_blocks} halvings (dense_num_blocks) do not divide evenly; "
+                "choose an image_size that is a multiple of "
+                f"{round(2 ** self.dense_num_blocks / self.scale_factor)}.")
+
+    @property
+    def num_keypoints(self) -> int:
+        """Keypoints per image: five control points per TPS transform."""
+        return self.num_tps * 5
+
+    def to_json(self) -> str:
+        return json.dumps(dataclasses.asdict(self), indent=2, sort_keys=True)
+
+    @classmethod
+    def from_dict(cls, values) -> "TPSMMConfig":
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise SafeTriageError(f"Unknown model config keys {unknown}; known keys: {sorted(known)}.")
+        return cls(**dict(values))
+
+
+def from_upstream_yaml(path, image_size=None) -> TPSMMConfig:
+    """Reads upstream TPSMM's YAML (``model_params``); image size from the name (ted-384) or 256."""
+    path = pathlib.Path(path)
+    if not path.is_file():
+        raise SafeTriageError(f"Config file {path} does not exist; pass an upstream TPSMM YAML "
+                              "(e.g. config/vox-256.yaml) or one of configs/*.py.")
+    try:
+        raw = yaml.safe_load(path.read_text())
+        params = raw["model_params"]
+        common = params["common_params"]
+        gen = params["generator_params"]
+        dense = params["dense_motion_params"]
+        avd = params.get("avd_network_params", {})
+    except (yaml.YAMLError, KeyError, TypeError) as err:
+        raise SafeTriageError(
+            f"{path} is not an upstream TPSMM config: expected model_params with common_params, "
+            f"generator_params and dense_motion_params ({type(err).__name__}: {err}).") from None
+    if image_size is None:
+        digits = path.stem.rsplit("-", 1)[-1]
+        image_size = int(digits) if digits.isdigit() else 256
+    return TPSMMConfig(
+        image_size=image_size,
+        num_tps=common["num_tps"],
+        num_channels=common.get("num_channels", 3),
+        bg=bool(common.get("bg", False)),
+        multi_mask=bool(common.get("multi_mask", True)),
+        generator_block_expansion=gen["block_expansion"],
+        generator_max_features=gen["max_features"],
+        num_down_blocks=gen["num_down_blocks"],
+        dense_block_expansion=dense["block_expansion"],
+        dense_max_features=dense["max_features"],
+        dense_num_blocks=dense["num_blocks"],
+        scale_factor=float(dense.get("scale_factor", 1)),
+        kp_variance=float(dense.get("kp_variance", 0.01)),
+        id_bottle_size=avd.get("id_bottle_size", 64),
+        pose_bottle_size=avd.get("pose_bottle_size", 64),
+    )

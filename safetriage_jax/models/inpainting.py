@@ -1,0 +1,108 @@
+"""InpaintingNetwork: warps the source's multi-scale features with the flow and decodes the frame.
+
+Split into ``encode`` (source only: computed once per source image when animating a video)
+and ``decode`` (per driving frame). Each level's warp is computed once; the copy upstream
+recomputes for the warp loss is just its gradient-stopped value here.
+"""
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from safetriage_jax.kernels.grid_sample import grid_sample
+from safetriage_jax.models.layers import (DownBlock, ResBlock, SameBlock, UpBlock, conv,
+                                          resize_bilinear_align_corners)
+
+
+class InpaintingNetwork(nn.Module):
+    """Encoder-decoder generator fed with flow-warped, occlusion-masked source features."""
+
+    num_channels: int
+    block_expansion: int
+    max_features: int
+    num_down_blocks: int
+    multi_mask: bool = True
+    warp_implementation: str = None
+
+    def setup(self):
+        widths = [min(self.max_features, self.block_expansion * 2 ** i)
+                  for i in range(self.num_down_blocks + 1)]
+        self.first = SameBlock(self.block_expansion, kernel_size=7)
+        self.down_blocks = [DownBlock(widths[i + 1]) for i in range(self.num_down_blocks)]
+        # Decoder levels, deepest first; the deepest takes the bottleneck alone, others a concat.
+        up_blocks, resblocks = [], []
+        for i in reversed(range(self.num_down_blocks)):
+            up_blocks.append(UpBlock(widths[i]))
+            resblocks += [ResBlock(), ResBlock()]
+        self.up_blocks = up_blocks
+        self.resblock = resblocks
+        self.final = conv(self.num_channels, 7)
+
+    def __call__(self, source_BHWC, dense_motion):
+        return self.decode(self.encode(source_BHWC), source_BHWC, dense_motion)
+
+    def encode(self, source_BHWC):
+        """Source features at every level, full resolution first."""
+        feature_maps = [self.first(source_BHWC)]
+        for block in self.down_blocks:
+            feature_maps.append(block(feature_maps[-1]))
+        return feature_maps
+
+    def _warp(self, image_BHWC, flow_BHW2, flows_by_size):
+        """Warps with the flow resized (once per resolution) to the image's size."""
+        size = image_BHWC.shape[1:3]
+        if size not in flows_by_size:
+            flows_by_size[size] = resize_bilinear_align_corners(flow_BHW2, *size)
+        flow = flows_by_size[size]
+        if image_BHWC.shape[0] != flow.shape[0]:  # one source shared by a batch of frames
+            image_BHWC = jnp.broadcast_to(image_BHWC, (flow.shape[0],) + image_BHWC.shape[1:])
+        return grid_sample(image_BHWC, flow, align_corners=True,
+                           implementation=self.warp_implementation)
+
+    def _occlusion_at(self, occlusion_map, index, size):
+        mask_BHW1 = occlusion_map[index if self.multi_mask else 0]
+        return resize_bilinear_align_corners(mask_BHW1, *size)
+
+    def decode(self, feature_maps, source_BHWC, dense_motion):
+        """Returns 'prediction', 'deformed' (B,H,W,C) and 'warped_encoder_maps' (deepest first,
+        gradient-stopped, for the warp loss). ``feature_maps``/``source`` may have batch 1."""
+        flow_BHW2 = dense_motion["deformation"]
+        occlusion_map = dense_motion["occlusion_map"]
+        flows_by_size = {}
+
+        def warped_level(level, mask_index):
+            feature = feature_maps[level]
+            occlusion = self._occlusion_at(occlusion_map, mask_index, feature.shape[1:3])
+            return self._warp(feature, flow_BHW2, flows_by_size) * occlusion
+
+        out = warped_level(self.num_down_blocks, 0)
+        warped_maps = [jax.lax.stop_gradient(out)]
+        for i in range(self.num_down_blocks):
+            out = self.resblock[2 * i](out)
+            out = self.resblock[2 * i + 1](out)
+            out = self.up_blocks[i](out)
+            skip = warped_level(self.num_down_blocks - 1 - i, i + 1)
+            warped_maps.append(jax.lax.stop_gradient(skip))
+            if i < self.num_down_blocks - 1:
+                out = jnp.concatenate([out, skip], axis=-1)
+
+        deformed_BHWC = self._warp(source_BHWC, flow_BHW2, flows_by_size)
+        occlusion_last = self._occlusion_at(occlusion_map, -1, out.shape[1:3])
+        out = out * (1 - occlusion_last) + skip
+        out = nn.sigmoid(self.final(out))
+        prediction = out * (1 - occlusion_last) + deformed_BHWC * occlusion_last
+        return {"prediction": prediction, "deformed": deformed_BHWC,
+                "warped_encoder_maps": warped_maps}
+
+    def get_encode(self, driving_BHWC, occlusion_map):
+        """Driving-frame features masked by the occlusion maps (targets of the warp loss)."""
+        driving_BHWC = jax.lax.stop_gradient(driving_BHWC)
+        occlusion_map = [jax.lax.stop_gradient(m) for m in occlusion_map]
+        feature_maps = self.encode(driving_BHWC)
+        num_masks = len(occlusion_map)
+        encoded = []
+        for level, feature in enumerate(feature_maps):
+            mask_index = (num_masks - 1 - level) if self.multi_mask else 0
+            occlusion = resize_bilinear_align_corners(occlusion_map[mask_index], *feature.shape[1:3])
+            encoded.append(jax.lax.stop_gradient(feature * occlusion))
+        return encoded

@@ -1,0 +1,170 @@
+"""Maps upstream PyTorch TPSMM checkpoints (``.pth.tar``) to Flax variables and back.
+
+The Flax modules mirror upstream's module tree, so the mapping is mechanical: a Flax path
+``params/kp_detector/fg_encoder/layer2_0/downsample_1/scale`` is the tensor
+``checkpoint["kp_detector"]["fg_encoder.layer2.0.downsample.1.weight"]``. Convolution kernels
+go OIHW <-> HWIO, linear weights are transposed, BatchNorm running statistics live in
+``batch_stats`` and the anti-alias kernel in ``buffers``. Every shape is checked and every
+checkpoint tensor must be used (BatchNorm's ``num_batches_tracked`` counters carry no weights
+and are written back as 0 on export).
+"""
+
+import pathlib
+import re
+
+import numpy as np
+from flax import traverse_util
+
+from safetriage_jax.errors import SafeTriageError
+from safetriage_jax.models.config import TPSMMConfig
+from safetriage_jax.models.tpsmm import SUBMODULES, variable_shapes
+
+OPTIONAL_MODULES = ("avd_network",)  # older/partial checkpoints may lack it
+TRAINING_STATE_PREFIXES = ("optimizer", "epoch", "scheduler")
+_INDEXED = re.compile(r"^(.*)_(\d+)$")
+_TORCH_LEAF = {("params", "kernel"): "weight", ("params", "bias"): "bias",
+               ("params", "scale"): "weight", ("batch_stats", "mean"): "running_mean",
+               ("batch_stats", "var"): "running_var", ("buffers", "kernel"): "weight"}
+
+
+def torch_key(flax_path):
+    """(collection, module, sub, ..., leaf) -> (module, 'sub.0.name.weight')."""
+    collection, module, *inner, leaf = flax_path
+    parts = []
+    for name in inner:
+        match = _INDEXED.match(name)
+        parts.extend([match.group(1), match.group(2)] if match else [name])
+    parts.append(_TORCH_LEAF[(collection, leaf)])
+    return module, ".".join(parts)
+
+
+def to_flax_layout(array, flax_path):
+    """Torch layout -> Flax layout for one tensor at ``flax_path``."""
+    if flax_path[-1] == "kernel" and array.ndim == 4:
+        return array.transpose(2, 3, 1, 0)
+    if flax_path[-1] == "kernel" and array.ndim == 2:
+        return array.T
+    return array
+
+
+def to_torch_layout(array, flax_path):
+    """Flax layout -> torch layout (inverse of :func:`to_flax_layout`)."""
+    if flax_path[-1] == "kernel" and array.ndim == 4:
+        return array.transpose(3, 2, 0, 1)
+    if flax_path[-1] == "kernel" and array.ndim == 2:
+        return array.T
+    return array
+
+
+def _require_torch():
+    try:
+        import torch
+    except ImportError:
+        raise SafeTriageError(
+            "Reading or writing PyTorch checkpoints needs PyTorch: pip install 'safetriage-jax[torch]'."
+        ) from None
+    return torch
+
+
+def load_torch_checkpoint(path):
+    """Loads a ``.pth.tar`` as {module name: {key: float32 numpy array}} (tensors only)."""
+    torch = _require_torch()
+    path = pathlib.Path(path)
+    if not path.is_file():
+        raise SafeTriageError(f"Checkpoint {path} does not exist; download an upstream TPSMM "
+                              "checkpoint (e.g. vox.pth.tar) or pass the right path.")
+    try:
+        raw = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # torch raises many types for corrupt or foreign files
+        raise SafeTriageError(f"Could not read {path} as a PyTorch checkpoint ({type(err).__name__}: "
+                              f"{str(err).splitlines()[0] if str(err) else ''}). Is the file "
+                              "complete and a torch.save of upstream TPSMM's models?") from None
+    if not isinstance(raw, dict):
+        raise SafeTriageError(f"{path} holds a {type(raw).__name__}, not upstream TPSMM's dict of "
+                              "per-network state_dicts.")
+    modules = {}
+    for name, state in raw.items():
+        if name.startswith(TRAINING_STATE_PREFIXES):
+            continue
+        if not isinstance(state, dict):
+            continue
+        if name not in SUBMODULES:
+            raise SafeTriageError(
+                f"{path} has a network {name!r} that TPSMM does not have (expected "
+                f"{', '.join(SUBMODULES)}): is this a TPSMM checkpoint?")
+        if state and all(k.startswith("module.") for k in state):
+            state = {k[len("module."):]: v for k, v in state.items()}
+        modules[name] = {k: v.detach().cpu().float().numpy() if v.is_floating_point()
+                         else v.cpu().numpy() for k, v in state.items()}
+    if not modules:
+        raise SafeTriageError(f"{path} contains no TPSMM network state_dicts "
+                              f"(top-level keys: {sorted(raw)}).")
+    return modules
+
+
+def torch_to_flax(modules, config: TPSMMConfig):
+    """Builds Flax variables for ``config`` from upstream state_dicts; strict on keys and shapes."""
+    template = traverse_util.flatten_dict(variable_shapes(config))
+    needed = sorted({path[1] for path in template})
+    for module in needed:
+        if module not in modules and module not in OPTIONAL_MODULES:
+            raise SafeTriageError(
+                f"The checkpoint has no {module!r} network but the config needs one "
+                f"(networks present: {sorted(modules)}). For a checkpoint without a background "
+                "predictor set common_params.bg: False.")
+    flat, used = {}, set()
+    for path, shape_dtype in template.items():
+        module, key = torch_key(path)
+        if module not in modules:
+            continue
+        if key not in modules[module]:
+            raise SafeTriageError(
+                f"Checkpoint and config do not match: {module}.{key} is missing from the "
+                f"checkpoint (needed for Flax {'/'.join(path)}, shape {shape_dtype.shape}). "
+                "Check the config's num_tps, widths and bg/multi_mask settings.")
+        value = to_flax_layout(modules[module][key], path)
+        if value.shape != shape_dtype.shape:
+            raise SafeTriageError(
+                f"Checkpoint and config do not match at {module}.{key}: the checkpoint has shape "
+                f"{tuple(modules[module][key].shape)} but the config needs "
+                f"{tuple(to_torch_layout(np.empty(shape_dtype.shape), path).shape)}. Use the "
+                "config the checkpoint was trained with.")
+        flat[path] = np.asarray(value, dtype=np.float32)
+        used.add((module, key))
+    unused = sorted(f"{module}.{key}" for module, state in modules.items() for key in state
+                    if (module, key) not in used and not key.endswith("num_batches_tracked"))
+    if unused:
+        raise SafeTriageError(
+            f"Checkpoint and config do not match: {len(unused)} checkpoint tensors have no place "
+            f"in the model, the first is {unused[0]}. Check num_tps, widths and bg/multi_mask.")
+    return traverse_util.unflatten_dict(flat)
+
+
+def flax_to_torch(variables):
+    """Upstream-layout ``{module: state_dict}`` (torch tensors) from Flax variables."""
+    torch = _require_torch()
+    modules = {}
+    for path, value in traverse_util.flatten_dict(variables).items():
+        module, key = torch_key(path)
+        tensor = torch.from_numpy(np.ascontiguousarray(to_torch_layout(np.asarray(value), path)))
+        modules.setdefault(module, {})[key] = tensor
+        if key.endswith("running_mean"):
+            counter = key[: -len("running_mean")] + "num_batches_tracked"
+            modules[module][counter] = torch.tensor(0, dtype=torch.int64)
+    return modules
+
+
+def port_checkpoint(checkpoint_path, config: TPSMMConfig):
+    """Upstream ``.pth.tar`` -> Flax variables for ``config``."""
+    return torch_to_flax(load_torch_checkpoint(checkpoint_path), config)
+
+
+def export_checkpoint(variables, out_path, epoch=0):
+    """Writes Flax variables as an upstream ``.pth.tar`` (atomically: temp file, then rename)."""
+    torch = _require_torch()
+    out_path = pathlib.Path(out_path)
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    payload = dict(flax_to_torch(variables), epoch=epoch)
+    tmp = out_path.with_name(out_path.name + ".partial")
+    torch.save(payload, tmp)
+    tmp.replace(out_path)
