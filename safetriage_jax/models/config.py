@@ -109,3 +109,42 @@ def from_upstream_yaml(path, image_size=None) -> TPSMMConfig:
         id_bottle_size=avd.get("id_bottle_size", 64),
         pose_bottle_size=avd.get("pose_bottle_size", 64),
     )
+
+
+# Upstream's released configurations (config/*.yaml of yoyo-nb/Thin-Plate-Spline-Motion-Model).
+PRESETS = {
+    "vox-256": TPSMMConfig(),
+    "taichi-256": TPSMMConfig(),
+    "ted-384": TPSMMConfig(image_size=384),
+    "mgif-256": TPSMMConfig(bg=False),
+}
+
+
+def _from_python_config(spec):
+    """``path/to/file.py[:arg]`` whose ``get_config(arg)`` returns a ConfigDict with ``model``."""
+    import importlib.util
+
+    path, _, arg = spec.partition(":")
+    path = pathlib.Path(path)
+    if not path.is_file():
+        raise SafeTriageError(f"Config file {path} does not exist.")
+    module_spec = importlib.util.spec_from_file_location(f"_safetriage_config_{path.stem}", path)
+    module = importlib.util.module_from_spec(module_spec)
+    module_spec.loader.exec_module(module)
+    cfg = module.get_config(arg) if arg else module.get_config()
+    if "model" not in cfg:
+        raise SafeTriageError(f"{spec}: get_config() must return a ConfigDict with a 'model' field.")
+    return TPSMMConfig.from_dict(dict(cfg.model))
+
+
+def load_model_config(spec, image_size=None) -> TPSMMConfig:
+    """A model config from a preset name, upstream YAML, or ``configs/*.py[:variant]``."""
+    spec = str(spec)
+    if spec in PRESETS:
+        return PRESETS[spec]
+    if spec.endswith((".yaml", ".yml")):
+        return from_upstream_yaml(spec, image_size)
+    if spec.partition(":")[0].endswith(".py"):
+        return _from_python_config(spec)
+    raise SafeTriageError(f"Unknown config {spec!r}: pass an upstream YAML file, a configs/*.py "
+                          f"file (optionally :variant), or one of {', '.join(PRESETS)}.")

@@ -1,0 +1,107 @@
+"""Saving and loading ported/trained TPSMM weights without PyTorch.
+
+A model directory holds ``config.json`` (the :class:`TPSMMConfig`) and the variables either as
+an orbax checkpoint (``variables/``, the default) or as ``model.safetensors``, or both.
+"""
+
+import json
+import pathlib
+import shutil
+import tempfile
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+from flax import traverse_util
+
+from safetriage_jax.errors import SafeTriageError
+from safetriage_jax.models.config import TPSMMConfig
+from safetriage_jax.models.tpsmm import variable_shapes
+
+CONFIG_FILE = "config.json"
+ORBAX_DIR = "variables"
+SAFETENSORS_FILE = "model.safetensors"
+
+
+def save_model(out_dir, config: TPSMMConfig, variables, *, safetensors=False, overwrite=False):
+    """Writes ``out_dir`` whole or not at all (built in a temp dir beside it, then renamed)."""
+    out_dir = pathlib.Path(out_dir).absolute()
+    if out_dir.exists() and any(out_dir.iterdir()) and not overwrite:
+        raise SafeTriageError(f"{out_dir} exists and is not empty; choose another --out or pass "
+                              "--overwrite.")
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    staging = pathlib.Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
+    try:
+        (staging / CONFIG_FILE).write_text(config.to_json())
+        variables = jax.tree.map(np.asarray, variables)
+        with ocp.StandardCheckpointer() as checkpointer:
+            checkpointer.save(staging / ORBAX_DIR, variables)
+        if safetensors:
+            from safetensors.numpy import save_file
+            flat = traverse_util.flatten_dict(variables, sep="/")
+            save_file({k: np.ascontiguousarray(v) for k, v in flat.items()},
+                      str(staging / SAFETENSORS_FILE))
+        if out_dir.exists():
+            shutil.rmtree(out_dir)
+        staging.rename(out_dir)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return out_dir
+
+
+def load_config(model_dir) -> TPSMMConfig:
+    path = pathlib.Path(model_dir) / CONFIG_FILE
+    if not path.is_file():
+        raise SafeTriageError(
+            f"{model_dir} is not a safetriage model directory (no {CONFIG_FILE}). Make one with "
+            "`safetriage port-weights --checkpoint vox.pth.tar --config vox-256.yaml --out DIR`.")
+    try:
+        return TPSMMConfig.from_dict(json.loads(path.read_text()))
+    except json.JSONDecodeError as err:
+        raise SafeTriageError(f"{path} is corrupt ({err}); port the weights again.") from None
+
+
+def load_model(model_dir):
+    """Returns (config, variables) from a model directory, checking every shape."""
+    model_dir = pathlib.Path(model_dir)
+    if not model_dir.is_dir():
+        raise SafeTriageError(f"Model directory {model_dir} does not exist; make one with "
+                              "`safetriage port-weights`.")
+    config = load_config(model_dir)
+    if (model_dir / ORBAX_DIR).is_dir():
+        try:
+            with ocp.StandardCheckpointer() as checkpointer:
+                variables = checkpointer.restore((model_dir / ORBAX_DIR).absolute())
+        except Exception as err:  # orbax raises several types for damaged directories
+            raise SafeTriageError(f"Could not read the orbax checkpoint in {model_dir / ORBAX_DIR} "
+                                  f"({type(err).__name__}); port the weights again.") from None
+    elif (model_dir / SAFETENSORS_FILE).is_file():
+        from safetensors.numpy import load_file
+        try:
+            flat = load_file(str(model_dir / SAFETENSORS_FILE))
+        except Exception as err:
+            raise SafeTriageError(f"Could not read {model_dir / SAFETENSORS_FILE} ({err}); port "
+                                  "the weights again.") from None
+        variables = traverse_util.unflatten_dict(flat, sep="/")
+    else:
+        raise SafeTriageError(f"{model_dir} has no weights ({ORBAX_DIR}/ or {SAFETENSORS_FILE}).")
+    check_variables(variables, config)
+    return config, variables
+
+
+def check_variables(variables, config: TPSMMConfig):
+    """Raises if ``variables`` do not fit ``config`` (names the first mismatch)."""
+    expected = traverse_util.flatten_dict(variable_shapes(config), sep="/")
+    got = traverse_util.flatten_dict(dict(variables), sep="/")
+    for key, shape_dtype in expected.items():
+        if key not in got:
+            if "/avd_network/" in key:
+                continue  # optional: checkpoints without AVD still animate in other modes
+            raise SafeTriageError(f"Weights do not match the config: {key} is missing.")
+        if tuple(got[key].shape) != tuple(shape_dtype.shape):
+            raise SafeTriageError(f"Weights do not match the config at {key}: shape "
+                                  f"{tuple(got[key].shape)}, config needs {tuple(shape_dtype.shape)}.")
+    extra = sorted(set(got) - set(expected))
+    if extra:
+        raise SafeTriageError(f"Weights do not match the config: {extra[0]} is not in the model.")

@@ -1,0 +1,206 @@
+"""The ``safetriage`` command line: a thin layer over the library; errors print without traceback."""
+
+import argparse
+import dataclasses
+import os
+import pathlib
+import sys
+import tempfile
+import time
+
+from safetriage_jax.errors import SafeTriageError
+
+DEMO_FIXTURE = pathlib.Path("fixtures", "tpsmm_small")
+DEMO_SAMPLES = pathlib.Path("samples")
+
+
+def _config_for(args, image_size=None):
+    from safetriage_jax.models.config import load_model_config
+    config = load_model_config(args.config, image_size=args.image_size)
+    size = image_size or args.image_size
+    return dataclasses.replace(config, image_size=size) if size else config
+
+
+def _load_weights(checkpoint, config_spec_args, image_size=None):
+    """(config, variables) from a model directory or an upstream .pth.tar + config."""
+    from safetriage_jax import checkpoint as ckpt
+    from safetriage_jax.porting import port_checkpoint
+    path = pathlib.Path(checkpoint)
+    if path.is_dir():
+        config, variables = ckpt.load_model(path)
+        if image_size:
+            config = dataclasses.replace(config, image_size=image_size)
+        return config, variables
+    if not config_spec_args.config:
+        raise SafeTriageError("--config is needed with an upstream .pth.tar checkpoint (e.g. "
+                              "config/vox-256.yaml).")
+    config = _config_for(config_spec_args, image_size)
+    return config, port_checkpoint(path, config)
+
+
+def cmd_port_weights(args):
+    from safetriage_jax.checkpoint import save_model
+    from safetriage_jax.porting import port_checkpoint
+    config = _config_for(args)
+    variables = port_checkpoint(args.checkpoint, config)
+    out = save_model(args.out, config, variables, safetensors=args.safetensors,
+                     overwrite=args.overwrite)
+    print(f"Ported {args.checkpoint} -> {out} (image size {config.image_size}, "
+          f"num_tps {config.num_tps}).")
+
+
+def cmd_export_weights(args):
+    from safetriage_jax.checkpoint import load_model
+    from safetriage_jax.porting import export_checkpoint
+    _, variables = load_model(args.checkpoint)
+    export_checkpoint(variables, args.out)
+    print(f"Wrote upstream-layout checkpoint {args.out}.")
+
+
+def cmd_parity(args):
+    import numpy as np
+
+    from safetriage_jax.parity import compare, parity_outputs
+    inputs_path = pathlib.Path(args.inputs)
+    if not inputs_path.is_file():
+        raise SafeTriageError(f"Inputs file {inputs_path} does not exist.")
+    try:
+        inputs = dict(np.load(inputs_path))
+    except Exception as err:
+        raise SafeTriageError(f"Could not read {inputs_path} as .npz ({err}).") from None
+    for key in ("source", "driving"):
+        if key not in inputs or inputs[key].ndim != 4 or inputs[key].shape[1] != 3:
+            raise SafeTriageError(f"{inputs_path} needs '{key}' frames shaped (N, 3, H, W) in [0, 1].")
+    config, variables = _load_weights(args.checkpoint, args, image_size=inputs["source"].shape[2])
+    outputs = parity_outputs(config, variables, inputs["source"], inputs["driving"])
+    out = pathlib.Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.NamedTemporaryFile(dir=out.parent, suffix=".npz", delete=False) as tmp:
+        np.savez(tmp, **outputs)
+    pathlib.Path(tmp.name).replace(out)
+    print(f"Wrote {len(outputs)} outputs to {out}.")
+    errors = compare(outputs, inputs)
+    if errors:
+        print(f"\n{'output':32s} relative error")
+        for name, err in errors.items():
+            flag = "" if err < args.tolerance else "   <-- above tolerance"
+            print(f"{name:32s} {err:.2e}{flag}")
+        worst = max(errors.values())
+        print(f"\nworst {worst:.2e} (tolerance {args.tolerance:g})")
+        if worst >= args.tolerance:
+            raise SafeTriageError(f"Parity failed: worst relative error {worst:.2e} >= "
+                                  f"{args.tolerance:g}.")
+
+
+def cmd_animate(args):
+    from safetriage_jax.animate import animate_video
+    start = time.perf_counter()
+    frames = animate_video(args.checkpoint, args.source, args.driving, args.out, mode=args.mode,
+                           batch_size=args.batch, warp_implementation=args.warp_implementation)
+    seconds = time.perf_counter() - start
+    print(f"Wrote {args.out}: {frames} frames in {seconds:.1f} s ({frames / seconds:.1f} frames/s, "
+          "compilation included).")
+
+
+def _find_shared(explicit):
+    candidates = [explicit] if explicit else [
+        os.environ.get("SAFETRIAGE_SHARED"), "../shared", "shared",
+        pathlib.Path(__file__).resolve().parents[2] / "shared"]
+    for candidate in filter(None, candidates):
+        if (pathlib.Path(candidate) / DEMO_FIXTURE / "checkpoint.pth.tar").is_file():
+            return pathlib.Path(candidate)
+    raise SafeTriageError("Could not find the shared demo data (fixtures/tpsmm_small and samples/); "
+                          "pass --shared DIR or set SAFETRIAGE_SHARED.")
+
+
+def cmd_demo(args):
+    from safetriage_jax.animate import animate_video
+    from safetriage_jax.checkpoint import save_model
+    from safetriage_jax.models.config import from_upstream_yaml
+    from safetriage_jax.porting import port_checkpoint
+    shared = _find_shared(args.shared)
+    out_dir = pathlib.Path(args.out)
+    model_dir = out_dir / "model"
+    print("Demo: RANDOM weights (the shared parity fixture's checkpoint), so the face will not look "
+          "real; real weights come from `safetriage port-weights --checkpoint vox.pth.tar`.")
+    if not (model_dir / "config.json").is_file():
+        config = from_upstream_yaml(shared / DEMO_FIXTURE / "config.yaml")
+        variables = port_checkpoint(shared / DEMO_FIXTURE / "checkpoint.pth.tar", config)
+        save_model(model_dir, config, variables)
+        print(f"Ported the fixture checkpoint to {model_dir}.")
+    out = out_dir / "animation.mp4"
+    start = time.perf_counter()
+    frames = animate_video(model_dir, shared / DEMO_SAMPLES / "source.png",
+                           shared / DEMO_SAMPLES / "driving.mp4", out, mode=args.mode,
+                           batch_size=args.batch)
+    print(f"Wrote {out}: {frames} frames in {time.perf_counter() - start:.1f} s.")
+
+
+def build_parser():
+    parser = argparse.ArgumentParser(prog="safetriage", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    def add_config(p, required):
+        p.add_argument("--config", required=required,
+                       help="upstream YAML (vox-256.yaml), configs/tpsmm.py[:variant] or a preset name")
+        p.add_argument("--image-size", type=int, default=None,
+                       help="model resolution (default: from the config name, else 256)")
+
+    p = sub.add_parser("port-weights", help="upstream .pth.tar -> Flax model directory (orbax)")
+    p.add_argument("--checkpoint", required=True, help="upstream checkpoint, e.g. vox.pth.tar")
+    add_config(p, required=True)
+    p.add_argument("--out", required=True, help="model directory to create")
+    p.add_argument("--safetensors", action="store_true", help="also write model.safetensors")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --out")
+    p.set_defaults(func=cmd_port_weights)
+
+    p = sub.add_parser("export-weights", help="Flax model directory -> upstream-layout .pth.tar")
+    p.add_argument("--checkpoint", required=True, help="model directory")
+    p.add_argument("--out", required=True, help="the .pth.tar to write")
+    p.set_defaults(func=cmd_export_weights)
+
+    p = sub.add_parser("parity", help="run every network on an npz's frames, upstream layout")
+    p.add_argument("--checkpoint", required=True, help="upstream .pth.tar or model directory")
+    add_config(p, required=False)
+    p.add_argument("--inputs", required=True, help="npz with source and driving (N,3,H,W) in [0,1]")
+    p.add_argument("--out", required=True, help="npz to write the outputs to")
+    p.add_argument("--tolerance", type=float, default=1e-4,
+                   help="max relative error when --inputs also holds expected outputs")
+    p.set_defaults(func=cmd_parity)
+
+    def add_animation_options(p):
+        p.add_argument("--mode", default="relative", choices=["relative", "standard", "avd"])
+        p.add_argument("--batch", type=int, default=16, help="driving frames per device call")
+
+    p = sub.add_parser("animate", help="animate a source image with a driving video")
+    p.add_argument("--checkpoint", required=True, help="model directory from port-weights")
+    p.add_argument("--source", required=True, help="source image (png/jpg)")
+    p.add_argument("--driving", required=True, help="driving video")
+    p.add_argument("--out", required=True, help="output mp4 (h264)")
+    add_animation_options(p)
+    p.add_argument("--warp-implementation", default=None, help="grid-sample backend (default: best)")
+    p.set_defaults(func=cmd_animate)
+
+    p = sub.add_parser("demo", help="port the shared fixture and animate the shared samples")
+    p.add_argument("--shared", default=None, help="the shared/ folder (default: ../shared)")
+    p.add_argument("--out", default="out/demo", help="where to write the model and the video")
+    add_animation_options(p)
+    p.set_defaults(func=cmd_demo)
+    return parser
+
+
+def main(argv=None):
+    args = build_parser().parse_args(argv)
+    try:
+        args.func(args)
+    except SafeTriageError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

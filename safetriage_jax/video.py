@@ -1,0 +1,111 @@
+"""Image and video I/O (Pillow, PyAV): clear errors on bad files, atomic writes."""
+
+import contextlib
+import fractions
+import pathlib
+
+import av
+import numpy as np
+from PIL import Image, UnidentifiedImageError
+
+from safetriage_jax.errors import SafeTriageError
+
+MIN_SIDE = 32  # smaller inputs cannot carry a usable face
+
+
+def _check_size(width, height, what):
+    if min(width, height) < MIN_SIDE:
+        raise SafeTriageError(f"{what} is {width}x{height} px; at least {MIN_SIDE}x{MIN_SIDE} is "
+                              "needed. Use a larger image or video.")
+
+
+def read_image(path):
+    """(H, W, 3) uint8 RGB from any image Pillow reads (alpha dropped, greyscale expanded)."""
+    path = pathlib.Path(path)
+    if not path.is_file():
+        raise SafeTriageError(f"Image {path} does not exist.")
+    try:
+        with Image.open(path) as image:
+            rgb = np.asarray(image.convert("RGB"))
+    except (UnidentifiedImageError, OSError) as err:
+        raise SafeTriageError(f"Could not read {path} as an image ({err}); pass a PNG or JPEG.") from None
+    _check_size(rgb.shape[1], rgb.shape[0], f"Image {path}")
+    return rgb
+
+
+class VideoReader:
+    """Decodes the first video stream of a file as (H, W, 3) uint8 RGB frames."""
+
+    def __init__(self, path):
+        self.path = pathlib.Path(path)
+        if not self.path.is_file():
+            raise SafeTriageError(f"Video {self.path} does not exist.")
+        try:
+            self._container = av.open(str(self.path))
+        except (av.error.FFmpegError, UnicodeDecodeError) as err:
+            raise SafeTriageError(f"Could not open {self.path} as a video ({err}); is it a complete "
+                                  "mp4/avi/mov/webm file?") from None
+        if not self._container.streams.video:
+            self._container.close()
+            raise SafeTriageError(f"{self.path} has no video stream.")
+        self._stream = self._container.streams.video[0]
+        self._stream.thread_type = "AUTO"
+        _check_size(self._stream.width, self._stream.height, f"Video {self.path}")
+
+    @property
+    def fps(self) -> fractions.Fraction:
+        rate = self._stream.average_rate or self._stream.guessed_rate
+        return fractions.Fraction(rate) if rate else fractions.Fraction(25)
+
+    @property
+    def num_frames(self):
+        """Frame count from the container header (None when it does not say)."""
+        return self._stream.frames or None
+
+    def __iter__(self):
+        count = 0
+        try:
+            for frame in self._container.decode(self._stream):
+                count += 1
+                yield frame.to_ndarray(format="rgb24")
+        except av.error.FFmpegError as err:
+            raise SafeTriageError(f"{self.path} is corrupt: decoding failed after {count} frames "
+                                  f"({err}).") from None
+        if count == 0:
+            raise SafeTriageError(f"{self.path} has no decodable video frames.")
+
+    def close(self):
+        self._container.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+@contextlib.contextmanager
+def video_writer(path, fps, width, height, crf=18):
+    """Yields ``write(frames_NHW3_uint8)``; the h264 mp4 appears at ``path`` only on success."""
+    path = pathlib.Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.stem}.partial{path.suffix}")
+    container = av.open(str(tmp), mode="w")
+    try:
+        stream = container.add_stream("libx264", rate=fractions.Fraction(fps).limit_denominator(1001))
+        stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"
+        stream.options = {"crf": str(crf)}
+
+        def write(frames_NHW3):
+            for frame in frames_NHW3:
+                video_frame = av.VideoFrame.from_ndarray(np.ascontiguousarray(frame), format="rgb24")
+                container.mux(stream.encode(video_frame))
+
+        yield write
+        container.mux(stream.encode(None))
+        container.close()
+        tmp.replace(path)
+    except BaseException:
+        container.close()
+        tmp.unlink(missing_ok=True)
+        raise
