@@ -19,8 +19,8 @@ def _unnormalize(coord, size, align_corners):
 
 
 def _clip(coord, size):
-    """Clamps to [0, size - 1] with gradient 1 inside (boundary included), 0 outside."""
-    return jnp.where(coord < 0, 0.0, jnp.where(coord > size - 1, size - 1.0, coord))
+    """Clamps to [0, size - 1]; gradient 1 strictly inside, 0 on and beyond the edges (as PyTorch)."""
+    return jnp.where(coord <= 0, 0.0, jnp.where(coord >= size - 1, size - 1.0, coord))
 
 
 def _reflect(coord, twice_low, twice_high):

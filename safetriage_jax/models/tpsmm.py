@@ -81,7 +81,7 @@ def init_variables(config: TPSMMConfig, rng, batch=1):
     """Random variables for ``config`` (dict with params, batch_stats, buffers)."""
     model = TPSMM(config)
     image = jnp.zeros((batch, config.image_size, config.image_size, config.num_channels))
-    return dict(model.init(rng, image, image))
+    return dict(jax.jit(model.init)(rng, image, image))
 
 
 def variable_shapes(config: TPSMMConfig):
