@@ -104,6 +104,8 @@ def video_writer(path, fps, width, height, crf=18):
         yield write
         container.mux(stream.encode(None))
         container.close()
+        if not tmp.exists():
+            raise SafeTriageError(f"No frames were written, so {path} was not created.")
         tmp.replace(path)
     except BaseException:
         container.close()
