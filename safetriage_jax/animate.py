@@ -52,7 +52,12 @@ class Animator:
         self.config, self.variables, self.mode = config, variables, mode
         self.model = TPSMM(config, warp_implementation=warp_implementation)
         self._prepare = jax.jit(self._prepare_impl)
+        self._keypoints = jax.jit(self._keypoints_impl)
         self._animate = jax.jit(self._animate_impl)
+
+    def _keypoints_impl(self, variables, images_NHW3_uint8):
+        images = to_model_input(images_NHW3_uint8, self.config.image_size)
+        return self.model.apply(variables, images, method=TPSMM.keypoints)
 
     def _prepare_impl(self, variables, source_1HW3_uint8):
         source = to_model_input(source_1HW3_uint8, self.config.image_size)
@@ -81,7 +86,7 @@ class Animator:
     def set_source(self, source_HW3_uint8, first_driving_HW3_uint8):
         """Caches everything that depends only on the source and the first driving frame."""
         source, kp_source, features = self._prepare(self.variables, source_HW3_uint8[None])
-        _, kp_initial, _ = self._prepare(self.variables, first_driving_HW3_uint8[None])
+        kp_initial = self._keypoints(self.variables, first_driving_HW3_uint8[None])
         area_source, area_initial = hull_area(kp_source[0]), hull_area(kp_initial[0])
         scale = np.sqrt(area_source) / np.sqrt(area_initial) if area_initial > 0 else 1.0
         self._state = (source, kp_source, features, kp_initial, jnp.float32(scale))

@@ -128,3 +128,15 @@ def test_missing_avd_weights_are_reported(fixture_config, fixture_variables):
         collection.pop("avd_network", None)
     with pytest.raises(SafeTriageError, match="no AVD network"):
         Animator(fixture_config, variables, mode="avd")
+
+
+def test_relative_mode_moves_source_keypoints_by_the_scaled_driving_motion():
+    from safetriage_jax.animate import hull_area, relative_keypoints
+    square = np.array([[-0.5, -0.5], [0.5, -0.5], [0.5, 0.5], [-0.5, 0.5], [0.0, 0.0]])
+    assert hull_area(square) == pytest.approx(1.0)
+    assert hull_area(np.zeros((5, 2))) == 0.0  # degenerate: no error
+    kp_source = np.array([[[0.1, 0.2], [0.3, -0.4]]])
+    kp_initial = np.array([[[0.0, 0.0], [0.5, 0.5]]])
+    assert np.allclose(relative_keypoints(kp_source, kp_initial, kp_initial, 2.0), kp_source)
+    moved = relative_keypoints(kp_source, kp_initial + 0.1, kp_initial, 2.0)
+    assert np.allclose(moved, kp_source + 0.2)
