@@ -77,8 +77,7 @@ class Animator:
             kp_target = relative_keypoints(kp_source, kp_driving, kp_initial, movement_scale)
         else:
             kp_target = self.model.apply(variables, kp_source_b, kp_driving, method=TPSMM.avd)
-        source_b = jnp.broadcast_to(source, (batch,) + source.shape[1:])
-        motion = self.model.apply(variables, source_b, kp_target, kp_source_b,
+        motion = self.model.apply(variables, source, kp_target, kp_source_b,
                                   method=TPSMM.dense_motion)
         out = self.model.apply(variables, features, source, motion, method=TPSMM.decode)
         return jnp.round(jnp.clip(out["prediction"], 0, 1) * 255).astype(jnp.uint8)

@@ -48,11 +48,14 @@ class DenseMotionNetwork(nn.Module):
     @nn.compact
     def __call__(self, source_BHWC, kp_driving_BN2, kp_source_BN2, bg_param_B33=None,
                  dropout_p=0.0, dropout_rng=None):
-        """Returns a dict with 'deformation' (B,h,w,2), 'contribution_maps' (B,h,w,K+1),
+        """``source_BHWC`` may have batch 1 (shared). Returns a dict with 'deformation' (B,h,w,2), 'contribution_maps' (B,h,w,K+1),
         'deformed_source' (B,K+1,h,w,C) and 'occlusion_map' (list of (B,H_i,W_i,1), coarse first),
         with h, w = scale_factor x the source size. TPS dropout is on when dropout_rng is given."""
         source_BHWC = AntiAliasDownsample(self.scale_factor, name="down")(source_BHWC)
-        batch, height, width, channels = source_BHWC.shape
+        # A source of batch 1 is shared by all frames: down-sample it once, then broadcast.
+        batch = kp_driving_BN2.shape[0]
+        _, height, width, channels = source_BHWC.shape
+        source_BHWC = jnp.broadcast_to(source_BHWC, (batch, height, width, channels))
         num_transforms = self.num_tps + 1
 
         gauss_driving = geometry.keypoint_heatmaps(kp_driving_BN2, height, width, self.kp_variance)

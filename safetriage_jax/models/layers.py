@@ -117,11 +117,6 @@ class ResBlock(nn.Module):
         return out + x_BHWC
 
 
-def hourglass_widths(block_expansion, max_features, num_blocks):
-    """Output channels of each encoder down block, shallowest first."""
-    return [min(max_features, block_expansion * 2 ** (i + 1)) for i in range(num_blocks)]
-
-
 class Hourglass(nn.Module):
     """U-Net: ``num_blocks`` down blocks, then up blocks concatenating the skips.
 
@@ -134,10 +129,11 @@ class Hourglass(nn.Module):
     num_blocks: int
 
     def setup(self):
-        down = hourglass_widths(self.block_expansion, self.max_features, self.num_blocks)
-        up = [min(self.max_features, self.block_expansion * 2 ** i) for i in range(self.num_blocks)]
-        self.encoder = HourglassEncoder(tuple(down))
-        self.decoder = HourglassDecoder(tuple(up))
+        # Level i has min(max_features, block_expansion * 2**i) channels, shallowest first.
+        widths = [min(self.max_features, self.block_expansion * 2 ** i)
+                  for i in range(self.num_blocks + 1)]
+        self.encoder = HourglassEncoder(tuple(widths[1:]))
+        self.decoder = HourglassDecoder(tuple(widths[:-1]))
 
     def __call__(self, x_BHWC):
         return self.decoder(self.encoder(x_BHWC))
