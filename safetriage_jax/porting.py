@@ -6,7 +6,8 @@ The Flax modules mirror upstream's module tree, so the mapping is mechanical: a 
 go OIHW <-> HWIO, linear weights are transposed, BatchNorm running statistics live in
 ``batch_stats`` and the anti-alias kernel in ``buffers``. Every shape is checked and every
 checkpoint tensor must be used (BatchNorm's ``num_batches_tracked`` counters carry no weights
-and are written back as 0 on export).
+and are written back as 0 on export). :func:`port_vgg19` ports torchvision's VGG-19 weights
+for the perceptual loss the same way (``features.28.weight`` <-> ``params/features_28/kernel``).
 """
 
 import pathlib
@@ -16,11 +17,15 @@ import numpy as np
 from flax import traverse_util
 
 from safetriage_jax.errors import SafeTriageError
+from safetriage_jax.models import vgg
 from safetriage_jax.models.config import TPSMMConfig
 from safetriage_jax.models.tpsmm import SUBMODULES, variable_shapes
 
 OPTIONAL_MODULES = ("avd_network",)  # older/partial checkpoints may lack it
 TRAINING_STATE_PREFIXES = ("optimizer", "epoch", "scheduler")
+VGG19_FILE_HINT = ("it is the file vgg19-dcbb9e9d.pth that torchvision.models.vgg19(weights="
+                   "\"IMAGENET1K_V1\") downloads to ~/.cache/torch/hub/checkpoints/; pass that path "
+                   "(perceptual_weights: random exists only for tests and smoke runs).")
 _INDEXED = re.compile(r"^(.*)_(\d+)$")
 _TORCH_LEAF = {("params", "kernel"): "weight", ("params", "bias"): "bias",
                ("params", "scale"): "weight", ("batch_stats", "mean"): "running_mean",
@@ -56,6 +61,11 @@ def to_torch_layout(array, flax_path):
     return array
 
 
+def _torch_shape(shape, flax_path):
+    """The torch-layout shape of a Flax tensor shape (for error messages; allocates nothing)."""
+    return tuple(to_torch_layout(np.broadcast_to(np.float32(0), shape), flax_path).shape)
+
+
 def _require_torch():
     try:
         import torch
@@ -66,19 +76,33 @@ def _require_torch():
     return torch
 
 
-def load_torch_checkpoint(path):
-    """Loads a ``.pth.tar`` as {module name: {key: float32 numpy array}} (tensors only)."""
+def _torch_load(path, what, missing_hint, expected):
+    """``torch.load(weights_only=True)`` with one-line errors for a missing or unreadable file."""
     torch = _require_torch()
-    path = pathlib.Path(path)
+    path = pathlib.Path(path).expanduser()
     if not path.is_file():
-        raise SafeTriageError(f"Checkpoint {path} does not exist; download an upstream TPSMM "
-                              "checkpoint (e.g. vox.pth.tar) or pass the right path.")
+        raise SafeTriageError(f"{what} {path} does not exist; {missing_hint}")
     try:
-        raw = torch.load(path, map_location="cpu", weights_only=True)
+        return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # torch raises many types for corrupt or foreign files
         raise SafeTriageError(f"Could not read {path} as a PyTorch checkpoint ({type(err).__name__}: "
                               f"{str(err).splitlines()[0] if str(err) else ''}). Is the file "
-                              "complete and a torch.save of upstream TPSMM's models?") from None
+                              f"complete and {expected}?") from None
+
+
+def _numpy_state(state):
+    """state_dict -> {key: numpy array} (floats as float32), a DataParallel ``module.`` stripped."""
+    torch = _require_torch()
+    if state and all(k.startswith("module.") for k in state):
+        state = {k[len("module."):]: v for k, v in state.items()}
+    return {k: v.detach().cpu().float().numpy() if v.is_floating_point() else v.cpu().numpy()
+            for k, v in state.items() if torch.is_tensor(v)}
+
+
+def load_torch_checkpoint(path):
+    """Loads a ``.pth.tar`` as {module name: {key: float32 numpy array}} (tensors only)."""
+    raw = _torch_load(path, "Checkpoint", "download an upstream TPSMM checkpoint (e.g. "
+                      "vox.pth.tar) or pass the right path.", "a torch.save of upstream TPSMM's models")
     if not isinstance(raw, dict):
         raise SafeTriageError(f"{path} holds a {type(raw).__name__}, not upstream TPSMM's dict of "
                               "per-network state_dicts.")
@@ -92,10 +116,7 @@ def load_torch_checkpoint(path):
             raise SafeTriageError(
                 f"{path} has a network {name!r} that TPSMM does not have (expected "
                 f"{', '.join(SUBMODULES)}): is this a TPSMM checkpoint?")
-        if state and all(k.startswith("module.") for k in state):
-            state = {k[len("module."):]: v for k, v in state.items()}
-        modules[name] = {k: v.detach().cpu().float().numpy() if v.is_floating_point()
-                         else v.cpu().numpy() for k, v in state.items()}
+        modules[name] = _numpy_state(state)
     if not modules:
         raise SafeTriageError(f"{path} contains no TPSMM network state_dicts "
                               f"(top-level keys: {sorted(raw)}).")
@@ -127,7 +148,7 @@ def torch_to_flax(modules, config: TPSMMConfig):
             raise SafeTriageError(
                 f"Checkpoint and config do not match at {module}.{key}: the checkpoint has shape "
                 f"{tuple(modules[module][key].shape)} but the config needs "
-                f"{tuple(to_torch_layout(np.empty(shape_dtype.shape), path).shape)}. Use the "
+                f"{_torch_shape(shape_dtype.shape, path)}. Use the "
                 "config the checkpoint was trained with.")
         flat[path] = np.asarray(value, dtype=np.float32)
         used.add((module, key))
@@ -168,3 +189,24 @@ def export_checkpoint(variables, out_path, epoch=0):
     tmp = out_path.with_name(out_path.name + ".partial")
     torch.save(payload, tmp)
     tmp.replace(out_path)
+
+
+def port_vgg19(path):
+    """torchvision VGG-19 state_dict file (``vgg19-dcbb9e9d.pth``) -> ``{"params": ...}`` for
+    :class:`~safetriage_jax.models.vgg.VGG19Features` (``features.{i}`` up to 28; the rest ignored)."""
+    raw = _torch_load(path, "VGG-19 weights file", VGG19_FILE_HINT, "torchvision's VGG-19 state_dict")
+    if isinstance(raw, dict) and isinstance(raw.get("state_dict"), dict):
+        raw = raw["state_dict"]
+    if not isinstance(raw, dict):
+        raise SafeTriageError(f"{path} holds a {type(raw).__name__}, not a VGG-19 state_dict; "
+                              f"{VGG19_FILE_HINT}")
+    state, flat = _numpy_state(raw), {}
+    for flax_path, shape_dtype in traverse_util.flatten_dict(vgg.variable_shapes()).items():
+        _, key = torch_key((flax_path[0], "vgg19", *flax_path[1:]))
+        needed = _torch_shape(shape_dtype.shape, flax_path)
+        got = f"has shape {tuple(state[key].shape)}" if key in state else "is missing"
+        if key not in state or state[key].shape != needed:
+            raise SafeTriageError(f"{path} is not torchvision's VGG-19 state_dict: {key} {got} but "
+                                  f"VGG-19 needs {needed}; {VGG19_FILE_HINT}")
+        flat[flax_path] = np.asarray(to_flax_layout(state[key], flax_path), np.float32)
+    return traverse_util.unflatten_dict(flat)
