@@ -85,10 +85,14 @@ class Animator:
     def set_source(self, source_HW3_uint8, first_driving_HW3_uint8):
         """Caches everything that depends only on the source and the first driving frame."""
         source, kp_source, features = self._prepare(self.variables, source_HW3_uint8[None])
-        kp_initial = self._keypoints(self.variables, first_driving_HW3_uint8[None])
+        kp_initial = self.keypoints(first_driving_HW3_uint8[None])
         area_source, area_initial = hull_area(kp_source[0]), hull_area(kp_initial[0])
         scale = np.sqrt(area_source) / np.sqrt(area_initial) if area_initial > 0 else 1.0
         self._state = (source, kp_source, features, kp_initial, jnp.float32(scale))
+
+    def keypoints(self, frames_NHW3_uint8):
+        """(N, K*5, 2) keypoints of uint8 frames (any size; resized to the model's)."""
+        return self._keypoints(self.variables, frames_NHW3_uint8)
 
     def animate(self, frames_NHW3_uint8):
         """Dispatches one batch (asynchronously); returns a device array of uint8 frames."""

@@ -136,6 +136,41 @@ def cmd_demo(args):
     print(f"Wrote {out}: {frames} frames in {time.perf_counter() - start:.1f} s.")
 
 
+def cmd_train(args):
+    import jax
+    from safetriage_jax.models.config import load_python_config
+    from safetriage_jax.train.loop import train
+    if args.distributed:
+        jax.distributed.initialize()
+    if not jax.config.jax_compilation_cache_dir:  # restarts and --resume skip recompiling
+        jax.config.update("jax_compilation_cache_dir",
+                          str(pathlib.Path("~/.cache/safetriage-jax/xla").expanduser()))
+    config = load_python_config(args.config)
+    start = time.perf_counter()
+    _, metrics = train(config, args.workdir, resume=args.resume)
+    print(f"Trained to {args.workdir} in {time.perf_counter() - start:.0f} s; last loss "
+          f"{float(metrics.get('loss', float('nan'))):.4f}. Model: {pathlib.Path(args.workdir) / 'model'}")
+
+
+def cmd_evaluate(args):
+    import json
+    from safetriage_jax.checkpoint import load_model
+    from safetriage_jax.models.config import load_python_config
+    from safetriage_jax.train.evaluate import evaluate
+    from safetriage_jax.train.loop import open_dataset
+    config = load_python_config(args.config)
+    model_config, variables = load_model(args.model)
+    clips, _ = open_dataset(config, args.split)
+    metrics = evaluate(model_config, variables, clips, num_clips=args.num_clips or
+                       config.eval.num_clips, batch_size=config.eval.batch_size)
+    text = json.dumps(metrics, indent=2)
+    print(text)
+    if args.out:
+        out = pathlib.Path(args.out)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(text + "\n")
+
+
 def build_parser():
     parser = argparse.ArgumentParser(prog="safetriage", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -180,6 +215,23 @@ def build_parser():
     add_animation_options(p)
     p.add_argument("--warp-implementation", default=None, help="grid-sample backend (default: best)")
     p.set_defaults(func=cmd_animate)
+
+    p = sub.add_parser("train", help="train the backbone (configs/train.py:VARIANT)")
+    p.add_argument("--config", required=True,
+                   help="configs/train.py:VARIANT[,key=value] (variants: vox-256, synthetic-256, small)")
+    p.add_argument("--workdir", required=True, help="checkpoints, logs, samples and the final model")
+    p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint")
+    p.add_argument("--distributed", action="store_true",
+                   help="multi-host: call jax.distributed.initialize() (cluster auto-detected)")
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("evaluate", help="reconstruction / motion-transfer metrics on held-out clips")
+    p.add_argument("--config", required=True, help="the training config (for the dataset)")
+    p.add_argument("--model", required=True, help="model directory (e.g. WORKDIR/model)")
+    p.add_argument("--split", default="test")
+    p.add_argument("--num-clips", type=int, default=0, help="default: the config's eval.num_clips")
+    p.add_argument("--out", default=None, help="also write the metrics as JSON here")
+    p.set_defaults(func=cmd_evaluate)
 
     p = sub.add_parser("demo", help="port the shared fixture and animate the shared samples")
     p.add_argument("--shared", default=None, help="the shared/ folder (default: ../shared)")

@@ -2,6 +2,7 @@
 
 import os
 import pathlib
+import tempfile
 
 import jax
 import pytest
@@ -12,6 +13,12 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 SHARED = pathlib.Path(os.environ.get("SAFETRIAGE_SHARED", ROOT.parent / "shared"))
 FIXTURE = SHARED / "fixtures" / "tpsmm_small"
 SAMPLES = SHARED / "samples"
+
+# One persistent XLA cache for the session (subprocesses too): the training tests compile the
+# same step several times, and on two CPU cores compiling costs more than running.
+os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", tempfile.mkdtemp(prefix="safetriage-xla-"))
+jax.config.update("jax_compilation_cache_dir", os.environ["JAX_COMPILATION_CACHE_DIR"])
+jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
 
 # The smallest model that still exercises every code path (all five networks, four masks).
 TINY = TPSMMConfig(image_size=64, num_tps=2, generator_block_expansion=8,

@@ -120,18 +120,26 @@ PRESETS = {
 }
 
 
-def _from_python_config(spec):
-    """``path/to/file.py[:arg]`` whose ``get_config(arg)`` returns a ConfigDict with ``model``."""
+def load_python_config(spec):
+    """The ConfigDict of ``path/to/file.py[:arg]`` (its ``get_config(arg)``)."""
     import importlib.util
 
-    path, _, arg = spec.partition(":")
+    path, _, arg = str(spec).partition(":")
     path = pathlib.Path(path)
     if not path.is_file():
         raise SafeTriageError(f"Config file {path} does not exist.")
     module_spec = importlib.util.spec_from_file_location(f"_safetriage_config_{path.stem}", path)
     module = importlib.util.module_from_spec(module_spec)
     module_spec.loader.exec_module(module)
-    cfg = module.get_config(arg) if arg else module.get_config()
+    try:
+        return module.get_config(arg) if arg else module.get_config()
+    except (ValueError, KeyError, TypeError) as err:
+        raise SafeTriageError(f"Config {spec}: {err}") from None
+
+
+def _from_python_config(spec):
+    """``path/to/file.py[:arg]`` whose ``get_config(arg)`` returns a ConfigDict with ``model``."""
+    cfg = load_python_config(spec)
     if "model" not in cfg:
         raise SafeTriageError(f"{spec}: get_config() must return a ConfigDict with a 'model' field.")
     return TPSMMConfig.from_dict(dict(cfg.model))

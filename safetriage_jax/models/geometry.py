@@ -41,7 +41,10 @@ def fit_tps(control_BKN2, target_BKN2):
     """Solves for the TPS mapping each driving control point to its source point.
 
     Returns (affine_BK23, weights_BKN2): f(p) = A [p; 1] + sum_n w_n U(|p - c_n|^2).
+    The solve runs in float32 even under bfloat16 training (it is tiny and ill-conditioned).
     """
+    dtype = control_BKN2.dtype
+    control_BKN2, target_BKN2 = control_BKN2.astype(jnp.float32), target_BKN2.astype(jnp.float32)
     num_points = control_BKN2.shape[-2]
     ones = jnp.ones(control_BKN2.shape[:-1] + (1,), control_BKN2.dtype)
     homog_BKN3 = jnp.concatenate([control_BKN2, ones], axis=-1)
@@ -55,7 +58,7 @@ def fit_tps(control_BKN2, target_BKN2):
         [target_BKN2, jnp.zeros(control_BKN2.shape[:-2] + (3, 2), control_BKN2.dtype)], axis=-2)
     params = jnp.linalg.solve(system, rhs)
     affine_BK23 = jnp.swapaxes(params[..., num_points:, :], -1, -2)
-    return affine_BK23, params[..., :num_points, :]
+    return affine_BK23.astype(dtype), params[..., :num_points, :].astype(dtype)
 
 
 def apply_tps(points_BP2, affine_BK23, control_BKN2, weights_BKN2):
@@ -87,3 +90,34 @@ def affine_grid(matrix_B33, height, width):
     moved_BHW3 = jnp.einsum("bij,hwj->bhwi", matrix_B33, homog_HW3,
                             precision=jax.lax.Precision.HIGHEST)
     return moved_BHW3[..., :2] / moved_BHW3[..., 2:3]
+
+
+def random_tps(rng, batch, sigma_affine, sigma_tps, points_tps, dtype=jnp.float32):
+    """Random TPS warps for the equivariance loss: identity affine plus N(0, sigma_affine) noise
+    and a ``points_tps`` x ``points_tps`` control grid with N(0, sigma_tps) scalar weights."""
+    affine_key, weight_key = jax.random.split(rng)
+    affine_B23 = jnp.eye(2, 3, dtype=dtype) + sigma_affine * jax.random.normal(
+        affine_key, (batch, 2, 3), dtype)
+    control_N2 = coordinate_grid(points_tps, points_tps, dtype).reshape(-1, 2)
+    weights_BN = sigma_tps * jax.random.normal(weight_key, (batch, points_tps ** 2), dtype)
+    return {"affine": affine_B23, "control": control_N2, "weights": weights_BN}
+
+
+def warp_random_tps(tps, points_BP2):
+    """Applies :func:`random_tps` warps to (B, P, 2) points. As upstream, each control point's
+    scalar weight moves x and y by the same amount."""
+    affine_B23 = tps["affine"]
+    linear_BP2 = jnp.einsum("bij,bpj->bpi", affine_B23[..., :2], points_BP2,
+                            precision=jax.lax.Precision.HIGHEST) + affine_B23[:, None, :, 2]
+    sq_dist_BPN = jnp.sum((points_BP2[:, :, None, :] - tps["control"][None, None]) ** 2, -1)
+    radial_BP = jnp.einsum("bpn,bn->bp", tps_radial(sq_dist_BPN), tps["weights"],
+                           precision=jax.lax.Precision.HIGHEST)
+    return linear_BP2 + radial_BP[..., None]
+
+
+def random_tps_grid(tps, height, width):
+    """(B, H, W, 2) sampling grid of a :func:`random_tps` warp."""
+    batch = tps["affine"].shape[0]
+    grid_P2 = coordinate_grid(height, width, tps["affine"].dtype).reshape(-1, 2)
+    warped_BP2 = warp_random_tps(tps, jnp.broadcast_to(grid_P2, (batch,) + grid_P2.shape))
+    return warped_BP2.reshape(batch, height, width, 2)

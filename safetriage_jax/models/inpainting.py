@@ -1,8 +1,8 @@
 """InpaintingNetwork: warps the source's multi-scale features with the flow and decodes the frame.
 
 Split into ``encode`` (source only: computed once per source image when animating a video)
-and ``decode`` (per driving frame). Each level's warp is computed once; the copy upstream
-recomputes for the warp loss is just its gradient-stopped value here.
+and ``decode`` (per driving frame). The warp-loss copies of the warped features carry gradient
+to the flow only (features and occlusion stopped), as upstream's; XLA shares their forward.
 """
 
 import flax.linen as nn
@@ -65,24 +65,27 @@ class InpaintingNetwork(nn.Module):
 
     def decode(self, feature_maps, source_BHWC, dense_motion):
         """Returns 'prediction', 'deformed' (B,H,W,C) and 'warped_encoder_maps' (deepest first,
-        gradient-stopped, for the warp loss). ``feature_maps``/``source`` may have batch 1."""
+        differentiable in the flow only, for the warp loss). ``feature_maps``/``source`` may
+        have batch 1."""
         flow_BHW2 = dense_motion["deformation"]
         occlusion_map = dense_motion["occlusion_map"]
         flows_by_size = {}
 
+        warped_maps = []
+
         def warped_level(level, mask_index):
             feature = feature_maps[level]
             occlusion = self._occlusion_at(occlusion_map, mask_index, feature.shape[1:3])
+            flow_only = self._warp(jax.lax.stop_gradient(feature), flow_BHW2, flows_by_size)
+            warped_maps.append(flow_only * jax.lax.stop_gradient(occlusion))
             return self._warp(feature, flow_BHW2, flows_by_size) * occlusion
 
         out = warped_level(self.num_down_blocks, 0)
-        warped_maps = [jax.lax.stop_gradient(out)]
         for i in range(self.num_down_blocks):
             out = self.resblock[2 * i](out)
             out = self.resblock[2 * i + 1](out)
             out = self.up_blocks[i](out)
             skip = warped_level(self.num_down_blocks - 1 - i, i + 1)
-            warped_maps.append(jax.lax.stop_gradient(skip))
             if i < self.num_down_blocks - 1:
                 out = jnp.concatenate([out, skip], axis=-1)
 

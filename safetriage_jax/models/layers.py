@@ -175,6 +175,11 @@ def gaussian_kernel_2d(scale):
     return (kernel / kernel.sum()).astype(np.float32)
 
 
+def depthwise_gaussian(scale, channels):
+    """(k, k, 1, C) depthwise kernel of :func:`gaussian_kernel_2d`."""
+    return jnp.asarray(np.tile(gaussian_kernel_2d(scale)[:, :, None, None], (1, 1, 1, channels)))
+
+
 class AntiAliasDownsample(nn.Module):
     """Gaussian blur (depthwise, zero padded) then legacy-nearest down-sampling by ``scale``.
 
@@ -188,18 +193,22 @@ class AntiAliasDownsample(nn.Module):
     def __call__(self, x_BHWC):
         if self.scale == 1:
             return x_BHWC
-        channels = x_BHWC.shape[-1]
+        kernel_HW1C = self.variable("buffers", "kernel", depthwise_gaussian, self.scale,
+                                    x_BHWC.shape[-1]).value
+        return anti_alias_downsample(x_BHWC, self.scale, kernel_HW1C)
 
-        def init_kernel():
-            kernel = gaussian_kernel_2d(self.scale)
-            return jnp.asarray(np.tile(kernel[:, :, None, None], (1, 1, 1, channels)))
 
-        kernel_HW1C = self.variable("buffers", "kernel", init_kernel).value
-        size = kernel_HW1C.shape[0]
-        before = size // 2
-        after = before - 1 if size % 2 == 0 else before
-        x_BHWC = conv_depthwise(x_BHWC, kernel_HW1C, ((before, after), (before, after)))
-        return resize_nearest(x_BHWC, self.scale)
+def anti_alias_downsample(x_BHWC, scale, kernel_HW1C=None):
+    """Upstream's AntiAliasInterpolation2d: Gaussian blur (sigma from ``scale``) then nearest."""
+    if scale == 1:
+        return x_BHWC
+    if kernel_HW1C is None:
+        kernel_HW1C = depthwise_gaussian(scale, x_BHWC.shape[-1])
+    size = kernel_HW1C.shape[0]
+    before = size // 2
+    after = before - 1 if size % 2 == 0 else before
+    x_BHWC = conv_depthwise(x_BHWC, kernel_HW1C, ((before, after), (before, after)))
+    return resize_nearest(x_BHWC, scale)
 
 
 def conv_depthwise(x_BHWC, kernel_HW1C, padding):

@@ -77,11 +77,15 @@ class TPSMM(nn.Module):
         return self.avd_network(kp_source, kp_driving, train)
 
 
-def init_variables(config: TPSMMConfig, rng, batch=1):
-    """Random variables for ``config`` (dict with params, batch_stats, buffers)."""
-    model = TPSMM(config)
+def initialize(config: TPSMMConfig, rng, batch=1):
+    """Random variables for ``config`` (dict with params, batch_stats, buffers); traceable."""
     image = jnp.zeros((batch, config.image_size, config.image_size, config.num_channels))
-    return dict(jax.jit(model.init)(rng, image, image))
+    return dict(TPSMM(config).init(rng, image, image))
+
+
+def init_variables(config: TPSMMConfig, rng, batch=1):
+    """:func:`initialize`, compiled."""
+    return jax.jit(initialize, static_argnums=(0, 2))(config, rng, batch)
 
 
 def variable_shapes(config: TPSMMConfig):

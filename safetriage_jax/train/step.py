@@ -1,0 +1,152 @@
+"""The training state and the pure ``train_step`` (one optimizer step of upstream TPSMM training).
+
+The step is jitted once over a device mesh by the loop: the state is replicated, the batch is
+split along the mesh's ``data`` axis, and BatchNorm statistics are over the global batch (as
+upstream's synchronised BatchNorm). Epoch-dependent behaviour (TPS dropout, background
+predictor from ``bg_start``) is computed from the step inside the jit, so one compiled step
+serves the whole run. The AVD network is not trained here (upstream trains it in a second
+phase); its variables pass through unchanged.
+"""
+
+import functools
+
+import flax
+import jax
+import jax.numpy as jnp
+import optax
+
+from safetriage_jax.models.tpsmm import TPSMM
+from safetriage_jax.train import augment, losses, optimizer
+
+
+@flax.struct.dataclass
+class TrainState:
+    step: jax.Array
+    params: dict
+    batch_stats: dict
+    buffers: dict
+    opt_state: dict          # {"generator": ..., "bg": ...}
+    rng: jax.Array
+
+
+def optimizers(train_cfg, steps_per_epoch, has_bg):
+    txs = {"generator": optimizer.generator_optimizer(train_cfg, steps_per_epoch)}
+    if has_bg:
+        txs["bg"] = optimizer.background_optimizer(train_cfg, steps_per_epoch)
+    return txs
+
+
+def create_state(variables, txs, rng) -> TrainState:
+    params = variables["params"]
+    opt_state = {"generator": txs["generator"].init(_generator_params(params))}
+    if "bg" in txs:
+        opt_state["bg"] = txs["bg"].init(params["bg_predictor"])
+    return TrainState(step=jnp.zeros((), jnp.int32), params=params,
+                      batch_stats=variables.get("batch_stats", {}),
+                      buffers=variables.get("buffers", {}), opt_state=opt_state, rng=rng)
+
+
+def _generator_params(params):
+    return {name: params[name] for name in optimizer.GENERATOR_MODULES}
+
+
+def _select(pred, on_true, on_false):
+    return jax.tree.map(lambda a, b: jnp.where(pred, a, b), on_true, on_false)
+
+
+def _cast_floats(tree, dtype):
+    return jax.tree.map(lambda x: x.astype(dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x,
+                        tree)
+
+
+def generator_losses(params, state, batch, rng, *, model, vgg_features, cfg, epoch):
+    """Weighted upstream losses for one batch; returns (total, (terms, new batch_stats))."""
+    tcfg = cfg.train
+    weights = tcfg.loss_weights
+    compute_dtype = jnp.bfloat16 if tcfg.precision == "bfloat16" else jnp.float32
+    params = _cast_floats(params, compute_dtype)
+    stats = state.batch_stats
+    variables = lambda: {"params": params, "batch_stats": stats, "buffers": state.buffers}
+
+    def run(method, *args, **kwargs):  # applies one model method, threading BatchNorm stats
+        nonlocal stats
+        out, updated = model.apply(variables(), *args, method=method, mutable=["batch_stats"],
+                                   **kwargs)
+        stats = updated["batch_stats"]
+        return out.astype(jnp.float32)  # keypoints and affines: geometry stays float32
+
+    source, driving = batch["source"].astype(compute_dtype), batch["driving"].astype(compute_dtype)
+    dropout_key, tps_key = jax.random.split(rng)
+    kp_source = run(TPSMM.keypoints, source, True)
+    kp_driving = run(TPSMM.keypoints, driving, True)
+    bg_active = epoch >= tcfg.bg_start
+    bg_param = None
+    if model.config.bg:
+        old_bg_stats = stats["bg_predictor"]
+        predicted = run(TPSMM.background, source, driving, True)
+        bg_param = jnp.where(bg_active, predicted, jnp.eye(3, dtype=predicted.dtype))
+    motion = model.apply(variables(), source, kp_driving, kp_source, bg_param,
+                         optimizer.tps_dropout_p(epoch, tcfg), dropout_key,
+                         method=TPSMM.dense_motion)
+    generated = model.apply(variables(), source, motion,
+                            method=lambda m, s, mo: m.inpainting_network(s, mo))
+    terms = {}
+    if sum(weights.perceptual):
+        terms["perceptual"] = losses.perceptual(
+            vgg_features, generated["prediction"], driving, tcfg.scales, weights.perceptual)
+    if weights.equivariance:
+        warped, tps = losses.equivariance_frame(tps_key, driving, tcfg.transform)
+        kp_warped = run(TPSMM.keypoints, warped, True)
+        terms["equivariance"] = weights.equivariance * losses.equivariance(kp_driving, kp_warped, tps)
+    if weights.warp:
+        encoded = model.apply(variables(), driving, motion["occlusion_map"],
+                              method=lambda m, d, o: m.inpainting_network.get_encode(d, o))
+        terms["warp"] = weights.warp * losses.warp(encoded, generated["warped_encoder_maps"])
+    if model.config.bg:
+        if weights.bg:
+            reverse = run(TPSMM.background, driving, source, True)
+            terms["bg"] = jnp.where(bg_active, weights.bg * losses.background(predicted, reverse), 0.)
+        stats = dict(stats, bg_predictor=_select(bg_active, stats["bg_predictor"], old_bg_stats))
+    terms = {k: v.astype(jnp.float32) for k, v in terms.items()}
+    total = sum(terms.values())
+    stats = _cast_floats(stats, jnp.float32)
+    return total, (terms, stats)
+
+
+def train_step(state: TrainState, batch, vgg_params, *, model, vgg, txs, cfg, steps_per_epoch):
+    """One optimizer step -> (new state, metrics). ``batch``: source/driving (B,H,W,3) in [0,1]."""
+    tcfg = cfg.train
+    epoch = state.step // steps_per_epoch
+    rng = jax.random.fold_in(state.rng, state.step)
+    jitter_key, loss_key = jax.random.split(rng)
+    pair = jnp.stack([batch["source"], batch["driving"]], axis=1)
+    pair = augment.color_jitter(jitter_key, pair, **cfg.data.jitter)
+    batch = {"source": pair[:, 0], "driving": pair[:, 1]}
+
+    compute_dtype = jnp.bfloat16 if tcfg.precision == "bfloat16" else jnp.float32
+    vgg_params = _cast_floats(jax.lax.stop_gradient(vgg_params), compute_dtype)
+    vgg_features = functools.partial(vgg.apply, vgg_params)
+    loss_fn = functools.partial(generator_losses, state=state, batch=batch, rng=loss_key,
+                                model=model, vgg_features=vgg_features, cfg=cfg, epoch=epoch)
+    grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+    (total, (terms, batch_stats)), grads = grad_fn(state.params)
+
+    params, opt_state = dict(state.params), dict(state.opt_state)
+    gen_params = _generator_params(params)
+    updates, opt_state["generator"] = txs["generator"].update(
+        _generator_params(grads), state.opt_state["generator"], gen_params)
+    params.update(optax.apply_updates(gen_params, updates))
+    if "bg" in txs:  # upstream steps the background optimizer only from epoch bg_start
+        bg_updates, bg_opt = txs["bg"].update(grads["bg_predictor"], state.opt_state["bg"],
+                                              params["bg_predictor"])
+        active = epoch >= tcfg.bg_start
+        params["bg_predictor"] = _select(
+            active, optax.apply_updates(params["bg_predictor"], bg_updates), params["bg_predictor"])
+        opt_state["bg"] = _select(active, bg_opt, state.opt_state["bg"])
+
+    metrics = dict(terms, loss=total, epoch=epoch,
+                   dropout_p=optimizer.tps_dropout_p(epoch, tcfg),
+                   grad_norm=optax.tree.norm(_generator_params(grads)))
+    new_state = state.replace(step=state.step + 1, params=params, batch_stats=batch_stats,
+                              opt_state=opt_state)
+    return new_state, metrics
