@@ -89,6 +89,11 @@ def test_resume_continues_exactly_and_survives_a_damaged_checkpoint(tmp_path, da
         np.testing.assert_array_equal(a, b)
     steps = [json.loads(line)["step"] for line in (workdir / "metrics.jsonl").read_text().splitlines()]
     assert steps == [1, 2]
+    out = tmp_path / "eval.json"
+    assert cli.main(["evaluate", "--config", spec, "--model", str(workdir / "model"),
+                     "--num-clips", "2", "--out", str(out)]) == 0
+    metrics = json.loads(out.read_text())
+    assert metrics["num_clips"] == 2 and 0 < metrics["transfer_l1"] < 1 and metrics["akd_px"] >= 0
 
     # Damage the newest step of the straight run: restoring falls back to step 1 and says so.
     checkpoints = TrainCheckpoints(tmp_path / "straight" / "checkpoints")
