@@ -139,6 +139,10 @@ def training_pairs(clips, *, global_batch_size, seed, options: PairOptions, work
     records = (IdentityIndex(clips, identity_index(clips, cache_dir)) if options.id_sampling
                else ClipIndex(clips))
     records = Repeated(records, options.num_repeats)
+    if worker_count:  # grain's worker processes read absl flags, unparsed outside absl.app
+        from absl import flags
+        if not flags.FLAGS.is_parsed():
+            flags.FLAGS.mark_as_parsed()
     shard = grain.ShardOptions(jax.process_index(), num_processes, drop_remainder=True)
     sampler = grain.IndexSampler(len(records), shard_options=shard, shuffle=True,
                                  num_epochs=None, seed=seed)

@@ -6,6 +6,7 @@ One process per host; call ``jax.distributed.initialize()`` first on multi-host 
 ``data`` axis; each host feeds its own shard of the sampler's stream.
 """
 
+import collections
 import functools
 import pathlib
 
@@ -121,6 +122,29 @@ class Trainer:
         return {"params": state.params, "batch_stats": state.batch_stats, "buffers": state.buffers}
 
 
+class DevicePrefetch:
+    """Keeps the next ``depth`` batches already sent to the device while the current step runs.
+    ``get_state()`` is the loader's state as of the batches handed out, so a checkpoint resumes
+    with the first batch not yet trained on."""
+
+    def __init__(self, batches, to_device, depth=2):
+        self._batches, self._to_device, self._depth = batches, to_device, depth
+        self._queue = collections.deque()
+        self._state = batches.get_state()
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        while len(self._queue) < self._depth:
+            self._queue.append((self._to_device(next(self._batches)), self._batches.get_state()))
+        batch, self._state = self._queue.popleft()
+        return batch
+
+    def get_state(self):
+        return self._state
+
+
 def total_steps(config, steps_per_epoch):
     return config.train.num_steps or config.train.num_epochs * steps_per_epoch
 
@@ -153,6 +177,7 @@ def train(config, workdir, *, resume=False, progress=True, trainer=None):
     if restored is not None:
         state, data_state, _ = restored
         batches.set_state(data_state)
+    batches = DevicePrefetch(batches, trainer.global_batch)
     start = int(jax.device_get(state.step))
     book = Logbook(workdir, enabled=jax.process_index() == 0)
     _write_config(workdir, config)
@@ -161,7 +186,7 @@ def train(config, workdir, *, resume=False, progress=True, trainer=None):
                dynamic_ncols=True)
     try:
         for step in range(start + 1, num_steps + 1):
-            batch = trainer.global_batch(next(batches))
+            batch = next(batches)
             state, metrics = trainer.step(state, batch, vgg_params)
             bar.update(1)
             if step % config.log.every_steps == 0 or step == num_steps:
