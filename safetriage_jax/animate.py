@@ -99,7 +99,7 @@ class Animator:
         return self._animate(self.variables, self._state, frames_NHW3_uint8)
 
 
-def _batches(frames, batch_size):
+def batches(frames, batch_size):
     """Groups frames into (batch_size, H, W, 3) arrays, padding the last by repetition.
 
     Yields (array, number of real frames) so every device call has the same shape.
@@ -133,7 +133,7 @@ def animate_video(model_dir, source_path, driving_path, out_path, *, mode="relat
         written = 0
         with video_writer(out_path, reader.fps, size, size) as write:
             pending = None
-            for batch, real in _batches(itertools.chain([first], frames), batch_size):
+            for batch, real in batches(itertools.chain([first], frames), batch_size):
                 result = animator.animate(batch)
                 if pending is not None:
                     written += _flush(write, pending, bar)

@@ -13,20 +13,15 @@ import jax.numpy as jnp
 import numpy as np
 from tqdm import tqdm
 
-from safetriage_jax.animate import Animator
+from safetriage_jax.animate import Animator, batches
 
 
 def _animate(animator, source_HW3, frames_THW3, batch_size):
+    """All frames animated in padded batches (one compiled shape); (T, H, W, 3) uint8."""
     animator.set_source(source_HW3, frames_THW3[0])
-    out = [np.asarray(animator.animate(_pad(frames_THW3[i:i + batch_size], batch_size)))
-           for i in range(0, len(frames_THW3), batch_size)]
-    return np.concatenate(out)[:len(frames_THW3)]
-
-
-def _pad(frames, batch_size):
-    """Pads a short last batch by repetition so every call has one compiled shape."""
-    missing = batch_size - len(frames)
-    return np.concatenate([frames, np.repeat(frames[-1:], missing, 0)]) if missing else frames
+    out = [np.asarray(animator.animate(chunk))[:real]
+           for chunk, real in batches(frames_THW3, batch_size)]
+    return np.concatenate(out)
 
 
 def _to_unit(frames_uint8):

@@ -132,9 +132,9 @@ def train_step(state: TrainState, batch, vgg_params, *, model, vgg, txs, cfg, st
     (total, (terms, batch_stats)), grads = grad_fn(state.params)
 
     params, opt_state = dict(state.params), dict(state.opt_state)
-    gen_params = _generator_params(params)
+    gen_params, gen_grads = _generator_params(params), _generator_params(grads)
     updates, opt_state["generator"] = txs["generator"].update(
-        _generator_params(grads), state.opt_state["generator"], gen_params)
+        gen_grads, state.opt_state["generator"], gen_params)
     params.update(optax.apply_updates(gen_params, updates))
     if "bg" in txs:  # upstream steps the background optimizer only from epoch bg_start
         bg_updates, bg_opt = txs["bg"].update(grads["bg_predictor"], state.opt_state["bg"],
@@ -146,7 +146,7 @@ def train_step(state: TrainState, batch, vgg_params, *, model, vgg, txs, cfg, st
 
     metrics = dict(terms, loss=total, epoch=epoch,
                    dropout_p=optimizer.tps_dropout_p(epoch, tcfg),
-                   grad_norm=optax.tree.norm(_generator_params(grads)))
+                   grad_norm=optax.tree.norm(gen_grads))
     new_state = state.replace(step=state.step + 1, params=params, batch_stats=batch_stats,
                               opt_state=opt_state)
     return new_state, metrics
