@@ -67,7 +67,9 @@ class VideoReader:
         try:
             for frame in self._container.decode(self._stream):
                 count += 1
-                yield frame.to_ndarray(format="rgb24")
+                image = frame.to_ndarray(format="rgb24")
+                quarter_turns = round(frame.rotation / 90) % 4  # phones store portrait sideways
+                yield np.rot90(image, quarter_turns).copy() if quarter_turns else image
         except av.error.FFmpegError as err:
             raise SafeTriageError(f"{self.path} is corrupt: decoding failed after {count} frames "
                                   f"({err}).") from None
@@ -86,7 +88,13 @@ class VideoReader:
 
 @contextlib.contextmanager
 def video_writer(path, fps, width, height, crf=18):
-    """Yields ``write(frames_NHW3_uint8)``; the h264 mp4 appears at ``path`` only on success."""
+    """Yields ``write(frames_NHW3_uint8)``; the h264 mp4 appears at ``path`` only on success.
+
+    Only the video stream is written (no audio, no metadata copied from anywhere). h264 needs even
+    sides, so an odd width or height gets one replicated column or row.
+    """
+    pad = ((0, height % 2), (0, width % 2), (0, 0))
+    width, height = width + width % 2, height + height % 2
     path = pathlib.Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.stem}.partial{path.suffix}")
@@ -98,6 +106,8 @@ def video_writer(path, fps, width, height, crf=18):
 
         def write(frames_NHW3):
             for frame in frames_NHW3:
+                if any(pad[0] + pad[1]):
+                    frame = np.pad(frame, pad, mode="edge")
                 video_frame = av.VideoFrame.from_ndarray(np.ascontiguousarray(frame), format="rgb24")
                 container.mux(stream.encode(video_frame))
 

@@ -1,0 +1,1 @@
+"""De-identification: face tracking and cropping, the deid pipeline and its evaluation."""

@@ -1,0 +1,216 @@
+"""Face detection, tracking, 68-point landmarks and identity embeddings with dlib, offline.
+
+The models come with the ``face-recognition-models`` package (dlib's HOG detector is built in),
+so nothing is downloaded at run time. Boxes are float ``[x0, y0, x1, y1]`` in frame pixels.
+"""
+
+import dataclasses
+import functools
+import importlib.util
+import pathlib
+
+import numpy as np
+from PIL import Image
+
+from safetriage_jax.errors import SafeTriageError
+
+DETECT_SIDE = 320  # frames are searched at this size first (faces >= ~1/5 of the frame)
+PAD_FRACTION = 0.15  # dlib's HOG misses faces that touch the image border; pad before searching
+TRACK_SIDE = 264  # a tracked face's search window is resized so the face is ~120 px
+MIN_FACE_PX = 40  # dlib's HOG detector finds faces down to ~40 px (with upsampling)
+SAME_PERSON_DISTANCE = 0.6  # dlib's threshold on its 128-D embedding (99.38% on LFW)
+
+
+def _models_dir():
+    # face_recognition_models/__init__.py imports pkg_resources (gone from new setuptools), so
+    # its data files are located through the import system without importing the package.
+    spec = importlib.util.find_spec("face_recognition_models")
+    if spec is None or not spec.submodule_search_locations:
+        raise SafeTriageError("face-recognition-models is not installed; run "
+                              "`pip install face-recognition-models==0.3.0`.")
+    return pathlib.Path(list(spec.submodule_search_locations)[0]) / "models"
+
+
+class FaceModels:
+    """dlib's frontal-face detector, 68-point shape predictor and ResNet face embedding."""
+
+    def __init__(self):
+        try:
+            import dlib
+        except ImportError:
+            raise SafeTriageError("dlib is not installed; run `pip install dlib-bin==20.0.1`.") from None
+        models = _models_dir()
+        self._dlib = dlib
+        self._detector = dlib.get_frontal_face_detector()
+        self._shape = dlib.shape_predictor(str(models / "shape_predictor_68_face_landmarks.dat"))
+        self._embed = dlib.face_recognition_model_v1(
+            str(models / "dlib_face_recognition_resnet_model_v1.dat"))
+
+    def detect(self, image_HW3, upsample=0):
+        """Faces in an image, largest first: (boxes_N4, scores_N). Pads the border first."""
+        pad = int(round(PAD_FRACTION * max(image_HW3.shape[:2])))
+        padded = np.pad(image_HW3, ((pad, pad), (pad, pad), (0, 0)), mode="edge")
+        rects, scores, _ = self._detector.run(padded, upsample, 0.0)
+        boxes = np.array([[r.left(), r.top(), r.right() + 1, r.bottom() + 1] for r in rects],
+                         np.float64).reshape(-1, 4) - pad
+        order = np.argsort(-box_area(boxes), kind="stable")
+        return boxes[order], np.asarray(scores, np.float64)[order]
+
+    def landmarks(self, image_HW3, box_4):
+        """(68, 2) float landmarks (iBUG 300-W order) of the face in ``box_4``."""
+        shape = self._shape(np.ascontiguousarray(image_HW3), self._rectangle(box_4))
+        return np.array([[p.x, p.y] for p in shape.parts()], np.float64)
+
+    def embedding(self, image_HW3, landmarks_68x2):
+        """The 128-D identity embedding of the face with these landmarks (aligned by dlib)."""
+        points = self._dlib.points([self._dlib.point(int(round(x)), int(round(y)))
+                                    for x, y in landmarks_68x2])
+        x0, y0 = landmarks_68x2.min(0)
+        x1, y1 = landmarks_68x2.max(0)
+        shape = self._dlib.full_object_detection(self._rectangle((x0, y0, x1, y1)), points)
+        return np.array(self._embed.compute_face_descriptor(np.ascontiguousarray(image_HW3), shape))
+
+    def _rectangle(self, box_4):
+        x0, y0, x1, y1 = (int(round(v)) for v in box_4)
+        return self._dlib.rectangle(x0, y0, max(x1 - 1, x0 + 1), max(y1 - 1, y0 + 1))
+
+
+@functools.lru_cache(maxsize=1)
+def face_models():
+    """The process-wide FaceModels (loading the three dlib models takes about a second)."""
+    return FaceModels()
+
+
+def box_area(boxes_N4):
+    return np.clip(boxes_N4[..., 2] - boxes_N4[..., 0], 0, None) * np.clip(
+        boxes_N4[..., 3] - boxes_N4[..., 1], 0, None)
+
+
+def box_iou(box_4, boxes_N4):
+    x0 = np.maximum(box_4[0], boxes_N4[:, 0])
+    y0 = np.maximum(box_4[1], boxes_N4[:, 1])
+    x1 = np.minimum(box_4[2], boxes_N4[:, 2])
+    y1 = np.minimum(box_4[3], boxes_N4[:, 3])
+    inter = np.clip(x1 - x0, 0, None) * np.clip(y1 - y0, 0, None)
+    return inter / (box_area(box_4[None])[0] + box_area(boxes_N4) - inter + 1e-9)
+
+
+def resize(image_HW3, width, height):
+    """Antialiased resize of a uint8 image (Pillow)."""
+    if image_HW3.shape[1] == width and image_HW3.shape[0] == height:
+        return image_HW3
+    return np.asarray(Image.fromarray(image_HW3).resize((width, height), Image.BILINEAR,
+                                                        reducing_gap=2.0))
+
+
+def crop_square(image_HW3, center_2, side, out_size):
+    """The square of ``side`` px around ``center_2``, resized to ``out_size``; edges replicated
+    where the square leaves the frame. Returns (crop, its [x0, y0, x1, y1] in the frame)."""
+    height, width = image_HW3.shape[:2]
+    side = max(int(round(side)), 2)
+    x0 = int(round(center_2[0] - side / 2))
+    y0 = int(round(center_2[1] - side / 2))
+    pads = ((max(-y0, 0), max(y0 + side - height, 0)), (max(-x0, 0), max(x0 + side - width, 0)))
+    window = image_HW3[max(y0, 0):min(y0 + side, height), max(x0, 0):min(x0 + side, width)]
+    if any(p for pair in pads for p in pair):
+        window = np.pad(window, pads + ((0, 0),), mode="edge")
+    return resize(window, out_size, out_size), np.array([x0, y0, x0 + side, y0 + side], float)
+
+
+def find_faces(models, image_HW3):
+    """Whole-image search, coarse to fine: a DETECT_SIDE copy, then full size, then upsampled.
+
+    Returns (boxes_N4, scores_N), largest first, in image pixels.
+    """
+    height, width = image_HW3.shape[:2]
+    scale = min(1.0, DETECT_SIDE / max(height, width))
+    attempts = [(scale, 0)] if scale < 1 else []
+    attempts += [(1.0, 0)]
+    if max(height, width) <= 1280:  # upsampling a large frame costs seconds per frame
+        attempts += [(1.0, 1)]
+    for factor, upsample in attempts:
+        small = resize(image_HW3, round(width * factor), round(height * factor))
+        boxes, scores = models.detect(small, upsample)
+        if len(boxes):
+            return boxes / factor, scores
+    return np.zeros((0, 4)), np.zeros(0)
+
+
+@dataclasses.dataclass
+class FaceTrack:
+    """One face followed through a video: per-frame box and landmarks (NaN where not found)."""
+
+    boxes_T4: np.ndarray
+    landmarks_T68x2: np.ndarray
+    width: int
+    height: int
+    fps: float
+    notes: list  # human-readable observations (several faces, tiny face, lost face), for reports
+
+    @property
+    def found_T(self):
+        return ~np.isnan(self.boxes_T4[:, 0])
+
+    @property
+    def num_frames(self):
+        return len(self.boxes_T4)
+
+
+class FaceTracker:
+    """Follows the largest face: searched for in the whole frame until found, then in a window
+    around its last box; ``recheck_every`` frames the whole frame is searched again to count
+    other faces. A frame where the followed face is not found gets NaN."""
+
+    def __init__(self, models=None, recheck_every=25, min_iou=0.2):
+        self.models = models or face_models()
+        self.recheck_every, self.min_iou = recheck_every, min_iou
+
+    def _around(self, frame, box):
+        side = 2.2 * np.sqrt(box_area(box[None])[0])
+        center = (box[:2] + box[2:]) / 2
+        window, (x0, y0, x1, _) = crop_square(frame, center, side, TRACK_SIDE)
+        boxes, _ = self.models.detect(window)
+        if not len(boxes):
+            return None
+        boxes = boxes * ((x1 - x0) / TRACK_SIDE) + np.array([x0, y0, x0, y0])
+        overlap = box_iou(box, boxes)
+        best = int(np.argmax(overlap))
+        return boxes[best] if overlap[best] >= self.min_iou else None
+
+    def track(self, frames, fps, progress=None):
+        """Runs over an iterable of (H, W, 3) uint8 frames; returns a FaceTrack."""
+        boxes, marks, notes = [], [], []
+        crowded, last = [], None
+        width = height = 0
+        for index, frame in enumerate(frames):
+            height, width = frame.shape[:2]
+            box = self._around(frame, last) if last is not None else None
+            if box is None or index % self.recheck_every == 0:
+                found, _ = find_faces(self.models, frame)
+                if len(found) > 1:
+                    crowded.append(index)
+                if box is None and len(found):
+                    if last is not None:  # lost: prefer the face where ours was, else the largest
+                        overlap = box_iou(last, found)
+                        box = found[int(np.argmax(overlap))] if overlap.max() >= self.min_iou else found[0]
+                    else:
+                        box = found[0]
+            last = box if box is not None else last
+            boxes.append(box if box is not None else np.full(4, np.nan))
+            marks.append(self.models.landmarks(frame, box) if box is not None
+                         else np.full((68, 2), np.nan))
+            if progress is not None:
+                progress.update(1)
+        if crowded:
+            notes.append(f"{len(crowded)} checked frame(s) show more than one face (first at frame "
+                         f"{crowded[0]}); the largest face is the one followed.")
+        track = FaceTrack(np.array(boxes).reshape(-1, 4), np.array(marks).reshape(-1, 68, 2),
+                          width, height, float(fps), notes)
+        found = track.found_T
+        if found.any():
+            sizes = np.sqrt(box_area(track.boxes_T4[found]))
+            if np.median(sizes) < 2 * MIN_FACE_PX:
+                notes.append(f"The face is small ({np.median(sizes):.0f} px across); landmarks and "
+                             "motion transfer will be coarse. A closer or higher-resolution video "
+                             "helps.")
+        return track

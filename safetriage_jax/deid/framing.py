@@ -1,0 +1,94 @@
+"""Where to crop each frame: a square around the tracked face, smoothed over time, and the
+feathered paste of the generated face back into the frame.
+
+Per-frame status: FACE (detected), FILLED (a short detection gap, box interpolated between the
+detections around it) or BLANK (no face nearby in time: the output frame is black).
+"""
+
+import dataclasses
+
+import numpy as np
+from scipy.ndimage import gaussian_filter1d
+
+from safetriage_jax.deid.faces import box_area, resize
+
+BLANK, FACE, FILLED = 0, 1, 2
+
+
+@dataclasses.dataclass(frozen=True)
+class FramingOptions:
+    scale: float = 1.8  # crop side / face box side (VoxCeleb-like: hair, chin and some neck)
+    raise_by: float = 0.1  # crop centre above the box centre, in box sides (dlib boxes omit the forehead)
+    smooth_seconds: float = 0.1  # Gaussian sigma of the crop path (removes detector jitter)
+    max_gap_seconds: float = 0.2  # detection gaps up to this long are interpolated, longer ones blanked
+    feather: float = 0.1  # width of the paste-back blend, as a fraction of the crop side
+
+
+@dataclasses.dataclass
+class CropPlan:
+    centers_T2: np.ndarray  # crop centre (x, y) in frame pixels; NaN on BLANK frames
+    sides_T: np.ndarray  # crop side in frame pixels
+    status_T: np.ndarray  # BLANK / FACE / FILLED per frame
+
+    def counts(self):
+        return {name: int((self.status_T == code).sum())
+                for name, code in (("face", FACE), ("filled", FILLED), ("blank", BLANK))}
+
+
+def _runs(mask_T):
+    """(start, stop) of each run of True."""
+    edges = np.flatnonzero(np.diff(np.concatenate([[0], mask_T.astype(np.int8), [0]])))
+    return list(zip(edges[::2], edges[1::2]))
+
+
+def plan_crops(boxes_T4, fps, options=FramingOptions()):
+    """Crop squares for a track's boxes (NaN where the face was not found)."""
+    found_T = ~np.isnan(boxes_T4[:, 0])
+    side_T = np.sqrt(box_area(np.nan_to_num(boxes_T4)))
+    center_T2 = (boxes_T4[:, :2] + boxes_T4[:, 2:]) / 2
+    center_T2[:, 1] -= options.raise_by * side_T
+    status_T = np.where(found_T, FACE, BLANK)
+    max_gap = int(round(options.max_gap_seconds * fps))
+    times = np.arange(len(boxes_T4))
+    for start, stop in _runs(~found_T):
+        if start > 0 and stop < len(found_T) and stop - start <= max_gap:
+            status_T[start:stop] = FILLED
+    keep = status_T != BLANK
+    for column in (center_T2[:, 0], center_T2[:, 1], side_T):
+        column[~found_T] = np.nan
+        for start, stop in _runs(keep):  # smooth each stretch on its own: never across a blank
+            values = column[start:stop]
+            known = ~np.isnan(values)
+            values = np.interp(times[start:stop], times[start:stop][known], values[known])
+            sigma = options.smooth_seconds * fps
+            column[start:stop] = gaussian_filter1d(values, sigma, mode="nearest") if sigma > 0 else values
+        column[~keep] = np.nan
+    return CropPlan(center_T2, side_T * options.scale, status_T)
+
+
+def feather_mask(size, feather):
+    """(size, size) blend weights: 1 inside a rounded square, falling to 0 at its edge over
+    ``feather`` of the side. The face, in the middle of the crop, is always fully covered."""
+    r = np.abs(np.linspace(-1, 1, size))
+    radius = (r[:, None] ** 4 + r[None, :] ** 4) ** 0.25  # a squircle
+    return np.clip((1 - radius) / (2 * feather), 0, 1).astype(np.float32)[..., None]
+
+
+def paste(frame_HW3, face_SS3, center_2, side, feather):
+    """The frame with ``face_SS3`` resized onto the square of ``side`` at ``center_2``, blended
+    with a feathered mask; parts of the square outside the frame are dropped."""
+    height, width = frame_HW3.shape[:2]
+    side = max(int(round(side)), 2)
+    x0, y0 = int(round(center_2[0] - side / 2)), int(round(center_2[1] - side / 2))
+    face = resize(face_SS3, side, side).astype(np.float32)
+    weight = feather_mask(side, feather)
+    fx0, fy0 = max(-x0, 0), max(-y0, 0)
+    fx1, fy1 = min(side, width - x0), min(side, height - y0)
+    if fx1 <= fx0 or fy1 <= fy0:
+        return frame_HW3
+    out = frame_HW3.copy()
+    region = out[y0 + fy0:y0 + fy1, x0 + fx0:x0 + fx1].astype(np.float32)
+    w = weight[fy0:fy1, fx0:fx1]
+    blended = region * (1 - w) + face[fy0:fy1, fx0:fx1] * w
+    out[y0 + fy0:y0 + fy1, x0 + fx0:x0 + fx1] = np.round(blended).astype(np.uint8)
+    return out

@@ -1,0 +1,203 @@
+"""De-identify a facial video: the synthetic identity makes the patient's facial movements.
+
+Two passes over the input. The first finds and tracks the face and plans a smoothed square crop
+per frame. The second crops, animates the identity image with the crops (batched, jitted), and
+writes either the generated crops or the full frames with the face pasted back. Frames with no
+face are written black, never as the original. Only video is written: audio and metadata are
+dropped (a voice or a recording's tags can identify a person too).
+"""
+
+import dataclasses
+import json
+import os
+import pathlib
+import tempfile
+import time
+
+import numpy as np
+from tqdm.auto import tqdm
+
+from safetriage_jax.animate import Animator
+from safetriage_jax.checkpoint import load_model
+from safetriage_jax.deid import landmarks
+from safetriage_jax.deid.faces import FaceTracker, crop_square, face_models, find_faces
+from safetriage_jax.deid.framing import BLANK, FramingOptions, paste, plan_crops
+from safetriage_jax.errors import SafeTriageError
+from safetriage_jax.video import VideoReader, read_image, video_writer
+
+REFERENCES = ("first", "neutral", "best")
+
+
+@dataclasses.dataclass(frozen=True)
+class DeidOptions:
+    mode: str = "relative"  # relative (convex-hull scaled) | standard | avd
+    reference: str = "first"  # which frame relative motion starts from: first | neutral | best
+    paste_back: bool = False  # full frames with the face replaced, instead of the face crop
+    batch_size: int = 16
+    framing: FramingOptions = FramingOptions()
+    warp_implementation: str | None = None
+
+
+def _check(options):
+    if options.batch_size < 1:
+        raise SafeTriageError(f"--batch must be at least 1 (got {options.batch_size}).")
+    if options.reference not in REFERENCES:
+        raise SafeTriageError(f"Unknown reference {options.reference!r}; choose one of "
+                              f"{', '.join(REFERENCES)}.")
+
+
+def identity_face(path, size, framing):
+    """The identity image's face, cropped like the video's: (crop_SS3, landmarks_68x2, notes)."""
+    image = read_image(path)
+    boxes, _ = find_faces(face_models(), image)
+    if not len(boxes):
+        raise SafeTriageError(f"No face found in the identity image {path}; use a frontal "
+                              "portrait with the face at least 40 px across.")
+    notes = [f"The identity image shows {len(boxes)} faces; the largest is used."] if len(boxes) > 1 else []
+    box = boxes[0]
+    side = np.sqrt((box[2] - box[0]) * (box[3] - box[1]))
+    center = np.array([(box[0] + box[2]) / 2, (box[1] + box[3]) / 2 - framing.raise_by * side])
+    crop, _ = crop_square(image, center, side * framing.scale, size)
+    return crop, face_models().landmarks(image, box), notes
+
+
+def choose_reference(track, plan, how, identity_landmarks_68x2):
+    """Index of the frame whose face the relative motion is measured from."""
+    usable = plan.status_T != BLANK
+    marks = np.where(usable[:, None, None], track.landmarks_T68x2, np.nan)
+    if how == "neutral":
+        return landmarks.neutral_frame(marks)
+    if how == "best":
+        return landmarks.closest_frame(marks, identity_landmarks_68x2)
+    return int(np.flatnonzero(track.found_T & usable)[0])
+
+
+def _frame_at(path, index):
+    with VideoReader(path) as reader:
+        for i, frame in enumerate(reader):
+            if i == index:
+                return frame
+    raise SafeTriageError(f"{path} changed while it was being read (frame {index} is gone).")
+
+
+def _chunks(frames, plan, size, batch_size):
+    """Groups frames into (entries, crops_BSS3 or None): ``entries`` holds (index, frame)
+    for every frame in order; ``crops`` the face crops, padded to the batch size."""
+    entries, crops = [], []
+    for index, frame in enumerate(frames):
+        entries.append((index, frame))
+        if plan.status_T[index] != BLANK:
+            crops.append(crop_square(frame, plan.centers_T2[index], plan.sides_T[index], size)[0])
+        if len(crops) == batch_size or len(entries) >= 4 * batch_size:
+            yield _batch(entries, crops, batch_size)
+            entries, crops = [], []
+    if entries:
+        yield _batch(entries, crops, batch_size)
+
+
+def _batch(entries, crops, batch_size):
+    if not crops:
+        return entries, None
+    return entries, np.stack(crops + [crops[-1]] * (batch_size - len(crops)))
+
+
+def _compose(entries, faces_BSS3, plan, paste_back, feather, blank_HW3):
+    """Output frames of one chunk: generated face (or frame with it pasted back), or black."""
+    out, next_face = [], 0
+    for index, frame in entries:
+        if plan.status_T[index] == BLANK:
+            out.append(blank_HW3)
+            continue
+        face = faces_BSS3[next_face]
+        next_face += 1
+        out.append(paste(frame, face, plan.centers_T2[index], plan.sides_T[index], feather)
+                   if paste_back else face)
+    return out
+
+
+def _ranges(mask_T, fps):
+    """Runs of True as [{start, stop, seconds}] (stop exclusive), for the report."""
+    padded = np.concatenate([[0], mask_T.astype(np.int8), [0]])
+    edges = np.flatnonzero(np.diff(padded))
+    return [{"start": int(a), "stop": int(b), "seconds": [round(a / fps, 3), round(b / fps, 3)]}
+            for a, b in zip(edges[::2], edges[1::2])]
+
+
+def deidentify(input_path, identity_path, out_path, model_dir, *, options=DeidOptions(),
+               report_dir=None, progress=True):
+    """Writes the de-identified video to ``out_path`` (atomically); returns a summary dict.
+
+    With ``report_dir``, also writes ``deid.json`` there and the privacy/utility evaluation.
+    """
+    _check(options)
+    start_time = time.perf_counter()
+    config, variables = load_model(model_dir)
+    animator = Animator(config, variables, options.mode, options.warp_implementation)
+    size = config.image_size
+    identity, identity_marks, notes = identity_face(identity_path, size, options.framing)
+
+    with VideoReader(input_path) as reader:
+        fps = float(reader.fps)
+        bar = tqdm(total=reader.num_frames, unit="frame", desc="find face", disable=not progress)
+        track = FaceTracker().track(reader, fps, progress=bar)
+        bar.close()
+    if not track.found_T.any():
+        raise SafeTriageError(
+            f"No face found in {input_path} ({track.num_frames} frames searched). The face must be "
+            "roughly frontal, unoccluded and at least 40 px across; nothing was written.")
+    notes += track.notes
+    plan = plan_crops(track.boxes_T4, fps, options.framing)
+    reference = choose_reference(track, plan, options.reference, identity_marks)
+    reference_crop = crop_square(_frame_at(input_path, reference), plan.centers_T2[reference],
+                                 plan.sides_T[reference], size)[0]
+    animator.set_source(identity, reference_crop)
+
+    width, height = (track.width, track.height) if options.paste_back else (size, size)
+    blank = np.zeros((height, width, 3), np.uint8)
+    with VideoReader(input_path) as reader, video_writer(out_path, reader.fps, width, height) as write:
+        bar = tqdm(total=track.num_frames, unit="frame", desc="de-identify", disable=not progress)
+        pending = None
+        for entries, crops in _chunks(reader, plan, size, options.batch_size):
+            result = animator.animate(crops) if crops is not None else None  # async dispatch
+            if pending is not None:
+                _flush(write, pending, plan, options, blank, bar)
+            pending = (entries, result)
+        _flush(write, pending, plan, options, blank, bar)
+        bar.close()
+
+    counts = plan.counts()
+    if counts["blank"]:
+        notes.append(f"{counts['blank']} frame(s) had no face nearby in time and were written black.")
+    seconds = time.perf_counter() - start_time
+    summary = {
+        "input": str(input_path), "identity": str(identity_path), "output": str(out_path),
+        "model": str(model_dir), "mode": options.mode, "paste_back": options.paste_back,
+        "frames": track.num_frames, "fps": fps, "face_frames": counts["face"],
+        "filled_frames": counts["filled"], "blank_frames": counts["blank"],
+        "blank_ranges": _ranges(plan.status_T == BLANK, fps),
+        "reference": {"how": options.reference, "frame": reference},
+        "audio": "dropped", "metadata": "dropped",
+        "seconds": round(seconds, 2), "frames_per_second": round(track.num_frames / seconds, 2),
+        "notes": notes,
+    }
+    if report_dir is not None:
+        _write_json(pathlib.Path(report_dir) / "deid.json", summary)
+        from safetriage_jax.deid.evaluation import evaluate_deid
+        evaluate_deid(input_path, out_path, report_dir, identity_path=identity_path,
+                      progress=progress)
+    return summary
+
+
+def _flush(write, pending, plan, options, blank, bar):
+    entries, result = pending
+    faces = np.asarray(result) if result is not None else None
+    write(_compose(entries, faces, plan, options.paste_back, options.framing.feather, blank))
+    bar.update(len(entries))
+
+
+def _write_json(path, data):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    with os.fdopen(fd, "w") as f:
+        json.dump(data, f, indent=2)
+    os.replace(tmp, path)
