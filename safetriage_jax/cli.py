@@ -12,6 +12,7 @@ from safetriage_jax.errors import SafeTriageError
 
 DEMO_FIXTURE = pathlib.Path("fixtures", "tpsmm_small")
 DEMO_SAMPLES = pathlib.Path("samples")
+DEFAULT_CHECKPOINT = "models/vox"
 
 
 def _config_for(args, image_size=None):
@@ -171,6 +172,50 @@ def cmd_evaluate(args):
         out.write_text(text + "\n")
 
 
+def cmd_deid(args):
+    from safetriage_jax.deid.framing import FramingOptions
+    from safetriage_jax.deid.pipeline import DeidOptions, deidentify
+    checkpoint = args.checkpoint or os.environ.get("SAFETRIAGE_CHECKPOINT", DEFAULT_CHECKPOINT)
+    if not pathlib.Path(checkpoint).is_dir():
+        raise SafeTriageError(f"No model directory at {checkpoint}. Port upstream's pretrained "
+                              "weights once: `safetriage port-weights --checkpoint vox.pth.tar "
+                              f"--config vox-256 --out {DEFAULT_CHECKPOINT}` (or pass --checkpoint).")
+    options = DeidOptions(mode=args.mode, reference=args.reference, paste_back=args.paste_back,
+                          detector=args.detector,
+                          batch_size=args.batch, warp_implementation=args.warp_implementation,
+                          framing=FramingOptions(scale=args.crop_scale))
+    summary = deidentify(args.input, args.identity, args.out, checkpoint, options=options,
+                         report_dir=args.report)
+    print(f"Wrote {args.out}: {summary['frames']} frames ({summary['face_frames']} with the face "
+          f"found, {summary['filled_frames']} filled between detections, "
+          f"{summary['blank_frames']} blanked) in {summary['seconds']:.1f} s "
+          f"({summary['frames_per_second']:.1f} frames/s). Audio and metadata dropped.")
+    for note in summary["notes"]:
+        print(f"note: {note}")
+    if args.report:
+        print(f"Report: {pathlib.Path(args.report) / 'report.html'}")
+
+
+def cmd_evaluate_deid(args):
+    from safetriage_jax.deid.evaluation import evaluate_deid
+    baselines = tuple(b for b in args.baselines.split(",") if b)
+    metrics = evaluate_deid(args.original, args.deid, args.report, identity_path=args.identity,
+                            gallery_dir=args.gallery, baselines=baselines,
+                            max_frames=args.max_frames, stride=args.stride)
+    print(f"{'method':<10} {'re-id rate':>10} {'top-1':>6} {'landmark r':>10} {'NME':>6}")
+    for name, method in metrics["methods"].items():
+        privacy, motion = method["privacy"], method["motion"]
+        print(f"{name:<10} {_fmt(privacy['reid_rate']):>10} {_fmt(privacy['top1_rate']):>6} "
+              f"{_fmt(motion['landmark_correlation']):>10} {_fmt(motion['nme']):>6}")
+    for note in metrics["notes"]:
+        print(f"note: {note}")
+    print(f"Report: {pathlib.Path(args.report) / 'report.html'}")
+
+
+def _fmt(value):
+    return "-" if value is None else f"{value:.3f}"
+
+
 def build_parser():
     parser = argparse.ArgumentParser(prog="safetriage", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -232,6 +277,39 @@ def build_parser():
     p.add_argument("--num-clips", type=int, default=0, help="default: the config's eval.num_clips")
     p.add_argument("--out", default=None, help="also write the metrics as JSON here")
     p.set_defaults(func=cmd_evaluate)
+
+    p = sub.add_parser("deid", help="de-identify a facial video with a synthetic identity")
+    p.add_argument("--input", required=True, help="the patient's video")
+    p.add_argument("--identity", required=True, help="image of the synthetic identity")
+    p.add_argument("--out", required=True, help="output mp4 (h264, video only)")
+    p.add_argument("--checkpoint", default=None,
+                   help=f"model directory (default: $SAFETRIAGE_CHECKPOINT or {DEFAULT_CHECKPOINT})")
+    p.add_argument("--report", default=None,
+                   help="also write deid.json and the privacy/utility evaluation here")
+    p.add_argument("--paste-back", action="store_true",
+                   help="write full frames with the face replaced (default: the face crop)")
+    p.add_argument("--reference", default="first", choices=["first", "neutral", "best"],
+                   help="frame relative motion starts from: first with a face, most neutral and "
+                        "frontal, or most like the identity's pose")
+    p.add_argument("--crop-scale", type=float, default=1.8, help="crop side / face box side")
+    p.add_argument("--detector", default="hog", choices=["hog", "centerface"],
+                   help="face detector: dlib HOG (default) or CenterFace (extra `centerface`)")
+    add_animation_options(p)
+    p.add_argument("--warp-implementation", default=None, help="grid-sample backend (default: best)")
+    p.set_defaults(func=cmd_deid)
+
+    p = sub.add_parser("evaluate-deid", help="privacy / motion / asymmetry report vs baselines")
+    p.add_argument("--original", required=True, help="the original video")
+    p.add_argument("--deid", required=True, help="its de-identified version")
+    p.add_argument("--report", required=True, help="directory for metrics.json, report.html, PNGs")
+    p.add_argument("--identity", default=None, help="the synthetic identity image (joins the gallery)")
+    p.add_argument("--gallery", default=None,
+                   help="folder of other people's images/videos for the re-identification attack")
+    p.add_argument("--baselines", default="blur,pixelate,mask",
+                   help="comma-separated traditional methods to compare (blur, pixelate, mask)")
+    p.add_argument("--max-frames", type=int, default=None, help="evaluate at most this many frames")
+    p.add_argument("--stride", type=int, default=1, help="evaluate every n-th frame")
+    p.set_defaults(func=cmd_evaluate_deid)
 
     p = sub.add_parser("demo", help="port the shared fixture and animate the shared samples")
     p.add_argument("--shared", default=None, help="the shared/ folder (default: ../shared)")

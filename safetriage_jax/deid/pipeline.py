@@ -33,6 +33,7 @@ class DeidOptions:
     mode: str = "relative"  # relative (convex-hull scaled) | standard | avd
     reference: str = "first"  # which frame relative motion starts from: first | neutral | best
     paste_back: bool = False  # full frames with the face replaced, instead of the face crop
+    detector: str = "hog"  # dlib HOG, or CenterFace (the `centerface` extra)
     batch_size: int = 16
     framing: FramingOptions = FramingOptions()
     warp_implementation: str | None = None
@@ -46,10 +47,10 @@ def _check(options):
                               f"{', '.join(REFERENCES)}.")
 
 
-def identity_face(path, size, framing):
+def identity_face(path, size, framing, models):
     """The identity image's face, cropped like the video's: (crop_SS3, landmarks_68x2, notes)."""
     image = read_image(path)
-    boxes, _ = find_faces(face_models(), image)
+    boxes, _ = find_faces(models, image)
     if not len(boxes):
         raise SafeTriageError(f"No face found in the identity image {path}; use a frontal "
                               "portrait with the face at least 40 px across.")
@@ -58,7 +59,7 @@ def identity_face(path, size, framing):
     side = np.sqrt((box[2] - box[0]) * (box[3] - box[1]))
     center = np.array([(box[0] + box[2]) / 2, (box[1] + box[3]) / 2 - framing.raise_by * side])
     crop, _ = crop_square(image, center, side * framing.scale, size)
-    return crop, face_models().landmarks(image, box), notes
+    return crop, models.landmarks(image, box), notes
 
 
 def choose_reference(track, plan, how, identity_landmarks_68x2):
@@ -134,18 +135,21 @@ def deidentify(input_path, identity_path, out_path, model_dir, *, options=DeidOp
     config, variables = load_model(model_dir)
     animator = Animator(config, variables, options.mode, options.warp_implementation)
     size = config.image_size
-    identity, identity_marks, notes = identity_face(identity_path, size, options.framing)
+    models = face_models(options.detector)
+    identity, identity_marks, notes = identity_face(identity_path, size, options.framing, models)
+    setup_done = time.perf_counter()
 
     with VideoReader(input_path) as reader:
         fps = float(reader.fps)
         bar = tqdm(total=reader.num_frames, unit="frame", desc="find face", disable=not progress)
-        track = FaceTracker().track(reader, fps, progress=bar)
+        track = FaceTracker(models).track(reader, fps, progress=bar)
         bar.close()
     if not track.found_T.any():
         raise SafeTriageError(
             f"No face found in {input_path} ({track.num_frames} frames searched). The face must be "
             "roughly frontal, unoccluded and at least 40 px across; nothing was written.")
     notes += track.notes
+    track_done = time.perf_counter()
     plan = plan_crops(track.boxes_T4, fps, options.framing)
     reference = choose_reference(track, plan, options.reference, identity_marks)
     reference_crop = crop_square(_frame_at(input_path, reference), plan.centers_T2[reference],
@@ -168,7 +172,8 @@ def deidentify(input_path, identity_path, out_path, model_dir, *, options=DeidOp
     counts = plan.counts()
     if counts["blank"]:
         notes.append(f"{counts['blank']} frame(s) had no face nearby in time and were written black.")
-    seconds = time.perf_counter() - start_time
+    end_time = time.perf_counter()
+    seconds = end_time - start_time
     summary = {
         "input": str(input_path), "identity": str(identity_path), "output": str(out_path),
         "model": str(model_dir), "mode": options.mode, "paste_back": options.paste_back,
@@ -178,6 +183,9 @@ def deidentify(input_path, identity_path, out_path, model_dir, *, options=DeidOp
         "reference": {"how": options.reference, "frame": reference},
         "audio": "dropped", "metadata": "dropped",
         "seconds": round(seconds, 2), "frames_per_second": round(track.num_frames / seconds, 2),
+        "stage_seconds": {"load": round(setup_done - start_time, 3),  # model, identity face
+                          "find_face": round(track_done - setup_done, 3),  # decode, track, plan
+                          "render": round(end_time - track_done, 3)},  # crop, animate, write
         "notes": notes,
     }
     if report_dir is not None:
