@@ -3,7 +3,7 @@
 Three questions, each asked of the de-identified video and of traditional baselines (blur,
 pixelate, mask) applied to the same original:
 - privacy: dlib face-embedding distance to the original frame by frame (re-identification rate
-  under the same-person threshold 0.6) and a gallery attack (rank of the true identity);
+  under the same-person threshold 0.6) and a gallery attack (rank of the true person);
 - motion utility: 68-landmark displacement tracks (size and roll normalised) against the
   original's, blink (eye opening) and mouth-opening series;
 - clinical signal: facial asymmetry indices over time and their agreement with the original's.
@@ -25,53 +25,71 @@ REGIONS = {"jaw": slice(0, 17), "brows": slice(17, 27), "nose": slice(27, 36),
            "eyes": slice(36, 48), "mouth": slice(48, 68)}
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".webp"}
 VIDEO_SUFFIXES = {".mp4", ".avi", ".mov", ".mkv", ".webm", ".m4v"}
-GALLERY_VIDEO_FRAMES = 30
+GALLERY_VIDEO_FRAMES = 30  # a gallery video's mean embedding is taken over this many frames
+MIN_SERIES = 2  # frames needed before a correlation is reported
 
 
 @dataclasses.dataclass
 class Analysis:
-    """One video's faces: per-frame landmarks (NaN when not detected) and embeddings."""
+    """One video's faces: per-frame landmarks (NaN where not detected) and embeddings."""
 
-    frames: list
+    frames: object  # a sequence of (H, W, 3) uint8 frames (plain list, or Treated)
     landmarks_T68x2: np.ndarray
     detected_T: np.ndarray
-    embeddings_TE: np.ndarray  # NaN where no embedding could be made
+    embeddings_T128: np.ndarray  # NaN where no embedding could be made
+
+
+class Treated:
+    """The original frames with a baseline applied, computed on access (no second copy held)."""
+
+    def __init__(self, frames, boxes_T4, treat):
+        self.frames, self.boxes_T4, self.treat = frames, boxes_T4, treat
+
+    def __len__(self):
+        return len(self.frames)
+
+    def __getitem__(self, t):
+        return self.treat(self.frames[t], self.boxes_T4[t])
+
+    def __iter__(self):
+        return (self[t] for t in range(len(self)))
 
 
 def read_frames(path, stride=1, max_frames=None):
-    """Every ``stride``-th frame (at most ``max_frames``) and the video's fps."""
-    if stride < 1:
-        raise SafeTriageError(f"--stride must be at least 1 (got {stride}).")
+    """Every ``stride``-th frame (at most ``max_frames`` of them) and the video's fps."""
     frames = []
     with VideoReader(path) as reader:
         fps = float(reader.fps)
         for index, frame in enumerate(reader):
             if index % stride == 0:
                 frames.append(frame)
-                if max_frames and len(frames) >= max_frames:
+                if max_frames is not None and len(frames) >= max_frames:
                     break
     return frames, fps
 
 
-def analyse(frames, fps, fallback=None, progress=None):
-    """Tracks the face and embeds it in every frame. Where it is not detected, an attacker who
-    knows where the face is still fits landmarks there and embeds them: ``fallback`` is the
-    (T, 4) boxes to use, or "last seen" for this video's own last detected box."""
+def analyse(frames, fps, fallback_boxes_T4=None, own_fallback=False, progress=None):
+    """Tracks the face and embeds it in every frame.
+
+    Where no face is detected, an attacker who knows where it is still fits landmarks there
+    and embeds them: at ``fallback_boxes_T4`` (the original's boxes, for same-size videos) or,
+    with ``own_fallback``, at this video's last detected box. Returns (Analysis, FaceTrack).
+    """
     models = face_models()
-    track = FaceTracker(models).track(frames, fps)
-    if isinstance(fallback, str):
-        fallback = _forward_fill(track.boxes_T4)
-    embeddings = np.full((len(frames), 128), np.nan)
+    track = FaceTracker(models).track(frames, fps, progress=progress)
+    if own_fallback:
+        fallback_boxes_T4 = _forward_fill(track.boxes_T4)
+    embeddings_T128 = np.full((len(track.boxes_T4), 128), np.nan)
     for t, frame in enumerate(frames):
-        marks = track.landmarks_T68x2[t]
-        box = None if fallback is None else fallback[t]
-        if track.found_T[t] or (box is not None and not np.isnan(box).any()):
-            if not track.found_T[t]:
-                marks = models.landmarks(frame, box)
-            embeddings[t] = models.embedding(frame, marks)
+        marks_68x2 = track.landmarks_T68x2[t]
+        if not track.found_T[t]:
+            box_4 = np.full(4, np.nan) if fallback_boxes_T4 is None else fallback_boxes_T4[t]
+            marks_68x2 = None if np.isnan(box_4).any() else models.landmarks(frame, box_4)
+        if marks_68x2 is not None:
+            embeddings_T128[t] = models.embedding(frame, marks_68x2)
         if progress is not None:
             progress.update(1)
-    return Analysis(frames, track.landmarks_T68x2, track.found_T, embeddings), track
+    return Analysis(frames, track.landmarks_T68x2, track.found_T, embeddings_T128), track
 
 
 def _forward_fill(boxes_T4):
@@ -85,183 +103,236 @@ def _forward_fill(boxes_T4):
     return filled
 
 
+def _embed_largest_face(image_HW3):
+    models = face_models()
+    boxes, _ = find_faces(models, image_HW3)
+    if not len(boxes):
+        return None
+    return models.embedding(image_HW3, models.landmarks(image_HW3, boxes[0]))
+
+
+def _gallery_video_frames(path):
+    """About GALLERY_VIDEO_FRAMES frames spread over the video."""
+    with VideoReader(path) as reader:
+        count = reader.num_frames
+    stride = max(1, (count or 0) // GALLERY_VIDEO_FRAMES)
+    return read_frames(path, stride, GALLERY_VIDEO_FRAMES)[0]
+
+
 def gallery_embeddings(identity_path=None, gallery_dir=None):
-    """{name: mean embedding} of the identity image and of each image/video in ``gallery_dir``;
-    and notes on files skipped."""
-    models, entries, notes = face_models(), {}, []
-
-    def embed(image):
-        boxes, _ = find_faces(models, image)
-        return None if not len(boxes) else models.embedding(image, models.landmarks(image, boxes[0]))
-
+    """({name: mean embedding} of the identity image and of each image/video in
+    ``gallery_dir``, notes on files skipped)."""
+    entries, notes = {}, []
     if identity_path is not None:
-        found = embed(read_image(identity_path))
+        found = _embed_largest_face(read_image(identity_path))
         if found is None:
-            raise SafeTriageError(f"No face found in the identity image {identity_path}.")
+            raise SafeTriageError(f"No face found in the identity image {identity_path}; pass the "
+                                  "portrait the de-identified video was made from.")
         entries["identity"] = found
-    if gallery_dir is not None:
-        folder = pathlib.Path(gallery_dir)
-        if not folder.is_dir():
-            raise SafeTriageError(f"--gallery {folder} is not a directory of face images/videos.")
-        for path in sorted(folder.iterdir()):
-            suffix = path.suffix.lower()
-            if suffix in IMAGE_SUFFIXES:
-                images = [read_image(path)]
-            elif suffix in VIDEO_SUFFIXES:
-                images = read_frames(path, max_frames=GALLERY_VIDEO_FRAMES)[0]
-            else:
-                continue
-            found = [e for e in map(embed, images) if e is not None]
-            if found:
-                entries[f"gallery:{path.name}"] = np.mean(found, 0)
-            else:
-                notes.append(f"Gallery file {path.name} shows no face; skipped.")
+    if gallery_dir is None:
+        return entries, notes
+    folder = pathlib.Path(gallery_dir)
+    if not folder.is_dir():
+        raise SafeTriageError(f"Gallery {folder} is not a directory; pass a folder of face images "
+                              "or videos of other people.")
+    for path in sorted(folder.iterdir()):
+        suffix = path.suffix.lower()
+        if suffix in IMAGE_SUFFIXES:
+            images = [read_image(path)]
+        elif suffix in VIDEO_SUFFIXES:
+            images = _gallery_video_frames(path)
+        else:
+            continue
+        found = [e for e in map(_embed_largest_face, images) if e is not None]
+        if found:
+            entries[f"gallery:{path.name}"] = np.mean(found, 0)
+        else:
+            notes.append(f"Gallery file {path.name} shows no face; skipped.")
     return entries, notes
 
 
-def privacy(original, method, gallery):
-    """Embedding distances to the original, frame by frame, and the gallery attack."""
-    face = original.detected_T & ~np.isnan(original.embeddings_TE[:, 0])
-    embedded = face & ~np.isnan(method.embeddings_TE[:, 0])
-    distance = np.linalg.norm(method.embeddings_TE - original.embeddings_TE, axis=-1)
-    names = list(gallery)
-    ranks = []
-    for t in np.flatnonzero(embedded):
-        d = np.array([np.linalg.norm(method.embeddings_TE[t] - gallery[n]) for n in names])
-        ranks.append(1 + int(np.sum(d < d[names.index("original")])))
-    count = max(int(face.sum()), 1)
-    return {
-        "detected_share": float(method.detected_T[face].mean()) if face.any() else None,
-        "embedded_share": float(embedded.sum() / count),
-        "mean_distance": _mean(distance[embedded]),
-        "reid_rate": float(np.sum(distance[embedded] < SAME_PERSON_DISTANCE) / count),
-        "top1_rate": float(np.sum(np.array(ranks) == 1) / count),
-        "mean_rank": _mean(np.array(ranks, float)),
-        "gallery_size": len(names),
-    }
-
-
-def _displacements(points_T68x2):
-    """Normalised landmarks minus their median over the given frames (static shape removed)."""
-    face = landmarks.normalise(points_T68x2)
-    return face - np.median(face, axis=0)
-
-
-def motion(original, method):
-    """Landmark-track agreement on frames where both videos show a detected face."""
-    both = original.detected_T & method.detected_T
-    face_frames = max(int(original.detected_T.sum()), 1)
-    result = {"landmark_frames": float(both.sum() / face_frames), "landmark_correlation": None,
-              "region_correlation": {name: None for name in REGIONS}, "nme": None,
-              "blink_r": None, "mouth_r": None}
-    if both.sum() < 3:
-        return result
-    a, b = original.landmarks_T68x2[both], method.landmarks_T68x2[both]
-    da, db = _displacements(a), _displacements(b)
-    per_landmark = np.sum(da * db, axis=(0, 2)) / np.sqrt(
-        np.sum(da ** 2, axis=(0, 2)) * np.sum(db ** 2, axis=(0, 2)) + 1e-12)
-    result.update(
-        landmark_correlation=float(per_landmark.mean()),
-        region_correlation={name: float(per_landmark[s].mean()) for name, s in REGIONS.items()},
-        nme=float(np.linalg.norm(da - db, axis=-1).mean()),
-        blink_r=_pearson(_eye_opening(a), _eye_opening(b)),
-        mouth_r=_pearson(landmarks.mouth_opening(a), landmarks.mouth_opening(b)))
-    return result
-
-
-def asymmetry(original, method):
-    """Per asymmetry index: Pearson r, Lin's concordance, mean |difference| and mean offset."""
-    both = original.detected_T & method.detected_T
-    a, b = landmarks.asymmetry(original.landmarks_T68x2), landmarks.asymmetry(method.landmarks_T68x2)
-    out = {}
-    for name in landmarks.ASYMMETRY_INDICES:
-        x, y = a[name][both], b[name][both]
-        enough = len(x) >= 3
-        out[name] = {"pearson_r": _pearson(x, y) if enough else None,
-                     "ccc": _concordance(x, y) if enough else None,
-                     "mean_abs_diff": _mean(np.abs(x - y)),
-                     "mean_offset": _mean(y - x)}
-    return out
-
-
-def _eye_opening(points_T68x2):
-    return (landmarks.eye_aspect_ratio(points_T68x2, landmarks.EYE_IMAGE_LEFT)
-            + landmarks.eye_aspect_ratio(points_T68x2, landmarks.EYE_IMAGE_RIGHT)) / 2
+def _value(x):
+    """A finite float, or None (JSON null) for NaN/inf/None."""
+    return float(x) if x is not None and np.isfinite(x) else None
 
 
 def _mean(values):
-    return float(np.mean(values)) if len(values) else None
+    return _value(np.mean(values)) if len(values) else None
 
 
 def _pearson(x, y):
-    if len(x) < 3 or np.std(x) < 1e-9 or np.std(y) < 1e-9:
+    if len(x) < MIN_SERIES or np.ptp(x) == 0 or np.ptp(y) == 0:
         return None
-    return float(np.corrcoef(x, y)[0, 1])
+    return _value(np.corrcoef(x, y)[0, 1])
 
 
 def _concordance(x, y):
     """Lin's concordance correlation: agreement in level and scale, not only in shape."""
+    if len(x) < MIN_SERIES:
+        return None
     denominator = np.var(x) + np.var(y) + (np.mean(x) - np.mean(y)) ** 2
-    return float(2 * np.cov(x, y, bias=True)[0, 1] / denominator) if denominator > 1e-12 else None
+    if denominator == 0:
+        return None
+    return _value(2 * np.mean((x - np.mean(x)) * (y - np.mean(y))) / denominator)
+
+
+def privacy(original, method, gallery):
+    """Embedding distances to the original frame by frame, and the gallery attack.
+
+    Shares are over the original's face frames; a frame without an embedding counts as not
+    re-identified. Ranks: 1 + the number of gallery entries strictly closer than "original".
+    """
+    face_T = original.detected_T & np.isfinite(original.embeddings_T128[:, 0])
+    distance_T = np.linalg.norm(method.embeddings_T128 - original.embeddings_T128, axis=-1)
+    embedded_T = face_T & np.isfinite(distance_T)
+    names = list(gallery)
+    gallery_G128 = np.stack([gallery[n] for n in names])
+    distances_FG = np.linalg.norm(method.embeddings_T128[embedded_T, None] - gallery_G128, axis=-1)
+    truth_F = distances_FG[:, names.index("original")]
+    ranks_F = 1 + np.sum(distances_FG < truth_F[:, None], axis=1)
+    count = int(face_T.sum())
+    return {
+        "detected_share": float(method.detected_T[face_T].mean()),
+        "embedded_share": float(embedded_T.sum() / count),
+        "mean_distance": _mean(distance_T[embedded_T]),
+        "reid_rate": float(np.sum(distance_T[embedded_T] < SAME_PERSON_DISTANCE) / count),
+        "top1_rate": float(np.sum(ranks_F == 1) / count),
+        "mean_rank": _mean(ranks_F),
+        "gallery_size": len(names),
+    }, distance_T
+
+
+def _displacements(points_T68x2):
+    """Normalised landmarks minus their median over the frames (static face shape removed)."""
+    face_T68x2 = landmarks.normalise(points_T68x2)
+    return face_T68x2 - np.median(face_T68x2, axis=0)
+
+
+def eye_opening(points_T68x2):
+    """Mean eye aspect ratio of both eyes (falls during a blink)."""
+    return (landmarks.eye_aspect_ratio(points_T68x2, landmarks.EYE_IMAGE_LEFT)
+            + landmarks.eye_aspect_ratio(points_T68x2, landmarks.EYE_IMAGE_RIGHT)) / 2
+
+
+def motion(original, method):
+    """Landmark-track agreement on the frames where both videos show a detected face."""
+    both_T = original.detected_T & method.detected_T
+    result = {"landmark_frames": float(both_T.sum() / original.detected_T.sum()),
+              "landmark_correlation": None, "region_correlation": dict.fromkeys(REGIONS),
+              "nme": None, "blink_r": None, "mouth_r": None}
+    if both_T.sum() < MIN_SERIES:
+        return result
+    a_T68x2, b_T68x2 = original.landmarks_T68x2[both_T], method.landmarks_T68x2[both_T]
+    da_T68x2, db_T68x2 = _displacements(a_T68x2), _displacements(b_T68x2)
+    norms_68 = np.sqrt(np.sum(da_T68x2 ** 2, axis=(0, 2)) * np.sum(db_T68x2 ** 2, axis=(0, 2)))
+    dots_68 = np.sum(da_T68x2 * db_T68x2, axis=(0, 2))
+    with np.errstate(invalid="ignore", divide="ignore"):
+        correlation_68 = np.where(norms_68 > 0, dots_68 / norms_68, np.nan)
+
+    def nanmean(values):
+        return _value(np.nanmean(values)) if np.isfinite(values).any() else None
+    result.update(
+        landmark_correlation=nanmean(correlation_68),
+        region_correlation={name: nanmean(correlation_68[s]) for name, s in REGIONS.items()},
+        nme=_value(np.linalg.norm(da_T68x2 - db_T68x2, axis=-1).mean()),
+        blink_r=_pearson(eye_opening(a_T68x2), eye_opening(b_T68x2)),
+        mouth_r=_pearson(landmarks.mouth_opening(a_T68x2), landmarks.mouth_opening(b_T68x2)))
+    return result
+
+
+def asymmetry(original, method):
+    """Per asymmetry index, over the frames where both show a face: Pearson r, Lin's
+    concordance, mean |difference| and mean offset (method - original)."""
+    both_T = original.detected_T & method.detected_T
+    a = landmarks.asymmetry(original.landmarks_T68x2)
+    b = landmarks.asymmetry(method.landmarks_T68x2)
+    out = {}
+    for name in landmarks.ASYMMETRY_INDICES:
+        usable_T = both_T & np.isfinite(a[name]) & np.isfinite(b[name])
+        x, y = a[name][usable_T], b[name][usable_T]
+        out[name] = {"pearson_r": _pearson(x, y), "ccc": _concordance(x, y),
+                     "mean_abs_diff": _mean(np.abs(x - y)), "mean_offset": _mean(y - x)}
+    return out
 
 
 def series(analysis):
-    """Per-frame signals for the report's plots (NaN where no face)."""
-    points = np.where(analysis.detected_T[:, None, None], analysis.landmarks_T68x2, np.nan)
-    out = {"blink": _eye_opening(points), "mouth": landmarks.mouth_opening(points),
-           "mouth_corner_y": landmarks.normalise(points)[:, landmarks.MOUTH_CORNER_IMAGE_LEFT, 1]}
-    out.update({f"asymmetry_{k}": v for k, v in landmarks.asymmetry(points).items()})
+    """Per-frame signals for the plots (NaN where no face was detected)."""
+    points_T68x2 = np.where(analysis.detected_T[:, None, None], analysis.landmarks_T68x2, np.nan)
+    face_T68x2 = landmarks.normalise(points_T68x2)
+    corners_T2 = face_T68x2[:, [landmarks.MOUTH_CORNER_IMAGE_LEFT,
+                                landmarks.MOUTH_CORNER_IMAGE_RIGHT], 1]
+    if analysis.detected_T.any():
+        corners_T2 = corners_T2 - np.nanmedian(corners_T2, axis=0)
+    out = {"blink": eye_opening(points_T68x2), "mouth": landmarks.mouth_opening(points_T68x2),
+           "mouth_corner_left_dy": corners_T2[:, 0], "mouth_corner_right_dy": corners_T2[:, 1]}
+    out.update({f"asymmetry_{k}": v for k, v in landmarks.asymmetry(points_T68x2).items()})
     return out
+
+
+def _check_arguments(baselines, max_frames, stride):
+    unknown = [b for b in baselines if b not in BASELINES]
+    if unknown:
+        raise SafeTriageError(f"Unknown baseline(s) {', '.join(unknown)}; choose from "
+                              f"{', '.join(BASELINES)}.")
+    if stride < 1:
+        raise SafeTriageError(f"The stride must be at least 1 (got {stride}).")
+    if max_frames is not None and max_frames < 1:
+        raise SafeTriageError(f"max_frames must be at least 1 (got {max_frames}).")
 
 
 def evaluate_deid(original_path, deid_path, report_dir, *, identity_path=None, gallery_dir=None,
                   baselines=("blur", "pixelate", "mask"), max_frames=None, stride=1, progress=True):
-    """Evaluates ``deid_path`` against ``original_path`` and the baselines; writes the report
-    (metrics.json, report.html, PNG plots) into ``report_dir`` and returns the metrics."""
+    """Evaluates ``deid_path`` against ``original_path`` and the baselines, writes the report
+    (metrics.json, report.html, PNG plots) into ``report_dir`` and returns the metrics.
+
+    The returned dict is what metrics.json holds, plus "series": per method, the per-frame
+    plot signals as NumPy arrays (metrics.json keeps only the asymmetry ones).
+    """
     from safetriage_jax.deid.report import write_report
-    unknown = [b for b in baselines if b not in BASELINES]
-    if unknown:
-        raise SafeTriageError(f"Unknown baseline(s) {unknown}; choose from {', '.join(BASELINES)}.")
+    baselines = tuple(baselines)
+    _check_arguments(baselines, max_frames, stride)
+    gallery, notes = gallery_embeddings(identity_path, gallery_dir)
     original_frames, fps = read_frames(original_path, stride, max_frames)
     deid_frames, _ = read_frames(deid_path, stride, max_frames)
-    notes = []
     if len(deid_frames) != len(original_frames):
-        notes.append(f"The videos differ in length ({len(original_frames)} vs {len(deid_frames)} "
-                     "frames evaluated); the shorter length is used.")
         count = min(len(deid_frames), len(original_frames))
+        notes.append(f"The videos differ in length ({len(original_frames)} original vs "
+                     f"{len(deid_frames)} de-identified frames read); the first {count} are "
+                     "compared.")
         original_frames, deid_frames = original_frames[:count], deid_frames[:count]
-    bar = tqdm(total=len(original_frames) * (2 + len(baselines)), unit="frame",
+    bar = tqdm(total=2 * len(original_frames) * (2 + len(baselines)), unit="frame",
                desc="evaluate", disable=not progress)
-    original, track = analyse(original_frames, fps, progress=bar)
-    if not original.detected_T.any():
-        bar.close()
-        raise SafeTriageError(f"No face found in the original video {original_path} "
-                              f"({len(original_frames)} frames evaluated): nothing to compare.")
-    notes += track.notes
-    gallery, gallery_notes = gallery_embeddings(identity_path, gallery_dir)
-    gallery = {"original": np.nanmean(original.embeddings_TE, 0), **gallery}
-    notes += gallery_notes
-    if len(gallery) < 2:
-        notes.append("The gallery holds only the original person, so every rank is 1; pass "
-                     "--identity and/or --gallery for a meaningful attack.")
-    # Same geometry (paste-back): the attacker looks where the original's face is; otherwise
-    # (face crops) where this video last showed a face.
-    same_size = deid_frames[0].shape == original_frames[0].shape
-    methods = {}
-    methods["deid"], _ = analyse(deid_frames, fps, track.boxes_T4 if same_size else "last seen",
-                                 progress=bar)
-    for name in baselines:
-        treated = [BASELINES[name](frame, box) for frame, box in zip(original_frames, track.boxes_T4)]
-        methods[name], _ = analyse(treated, fps, track.boxes_T4, progress=bar)
-    bar.close()
+    with bar:
+        original, track = analyse(original_frames, fps, progress=bar)
+        if not original.detected_T.any():
+            raise SafeTriageError(f"No face found in the original video {original_path} "
+                                  f"({len(original_frames)} frames searched), so there is nothing "
+                                  "to compare; check that the right file was passed.")
+        notes = track.notes + notes
+        gallery = {"original": np.mean(original.embeddings_T128[original.detected_T], 0), **gallery}
+        if len(gallery) < 2:
+            notes.append("The gallery holds only the original person, so every rank is 1; pass "
+                         "an identity image and/or a gallery folder for a meaningful attack.")
+        # The attacker looks where the original's face is when the geometry matches (baselines,
+        # paste-back); in a face-crop video, where that video last showed a face.
+        same_size = deid_frames[0].shape == original_frames[0].shape
+        methods = {"deid": analyse(deid_frames, fps, track.boxes_T4 if same_size else None,
+                                   own_fallback=not same_size, progress=bar)[0]}
+        for name in baselines:
+            treated = Treated(original_frames, track.boxes_T4, BASELINES[name])
+            methods[name] = analyse(treated, fps, track.boxes_T4, progress=bar)[0]
+    results, all_series = {}, {"original": series(original)}
+    for name, method in methods.items():
+        privacy_metrics, distance_T = privacy(original, method, gallery)
+        results[name] = {"privacy": privacy_metrics, "motion": motion(original, method),
+                         "asymmetry": asymmetry(original, method)}
+        all_series[name] = {**series(method), "distance": distance_T}
     metrics = {
         "original": str(original_path), "deid": str(deid_path), "frames": len(original_frames),
-        "stride": stride, "original_face_frames": int(original.detected_T.sum()),
-        "same_person_threshold": SAME_PERSON_DISTANCE, "gallery": list(gallery), "notes": notes,
-        "methods": {name: {"privacy": privacy(original, m, gallery), "motion": motion(original, m),
-                           "asymmetry": asymmetry(original, m)} for name, m in methods.items()},
+        "stride": stride, "fps": fps / stride,
+        "original_face_frames": int(original.detected_T.sum()),
+        "same_person_threshold": SAME_PERSON_DISTANCE, "notes": notes, "gallery": list(gallery),
+        "methods": results, "series": all_series,
     }
-    signals = {"original": series(original), **{name: series(m) for name, m in methods.items()}}
-    frames = {"original": original, **methods}
-    write_report(report_dir, metrics, signals, frames, fps / stride)
+    write_report(report_dir, metrics, {"original": original, **methods})
     return metrics

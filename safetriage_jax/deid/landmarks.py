@@ -103,5 +103,5 @@ def neutral_frame(points_T68x2):
 def closest_frame(points_T68x2, target_68x2):
     """Index of the frame whose normalised landmarks are nearest the target's (upstream's
     "best frame" idea: start relative motion from the pose most like the identity image)."""
-    error = np.nanmean(np.sum((normalise(points_T68x2) - normalise(target_68x2)) ** 2, -1), -1)
+    error = np.mean(np.sum((normalise(points_T68x2) - normalise(target_68x2)) ** 2, -1), -1)
     return int(np.nanargmin(np.where(np.isnan(error), np.inf, error)))

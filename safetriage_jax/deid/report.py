@@ -1,7 +1,8 @@
 """The evaluate-deid report: metrics.json, PNG plots and a self-contained report.html.
 
-Files are written into a hidden staging folder inside the report directory and moved into
-place at the end, so a failed run leaves the previous report (and deid.json) untouched.
+Everything is built in a hidden staging folder and moved into place at the end, so a failed
+run leaves no half-written report; files in the report folder that are not ours (the
+pipeline's deid.json) are left alone.
 """
 
 import base64
@@ -9,10 +10,12 @@ import html
 import json
 import pathlib
 import shutil
-import tempfile
+import uuid
 
 import numpy as np
 from PIL import Image
+
+from safetriage_jax.errors import SafeTriageError
 
 PLOTS = ("tracks.png", "asymmetry.png", "frames.png", "privacy_utility.png")
 STYLE = {"original": dict(color="black", linewidth=2.0), "deid": dict(color="tab:green"),
@@ -20,12 +23,12 @@ STYLE = {"original": dict(color="black", linewidth=2.0), "deid": dict(color="tab
          "mask": dict(color="tab:red")}
 
 
-def _figure(rows, cols=1, height=2.2):
+def _figure(rows, cols=1, height=2.2, width=9):
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    fig, axes = plt.subplots(rows, cols, figsize=(9, height * rows), squeeze=False)
-    return plt, fig, axes[:, 0] if cols == 1 else axes
+    fig, axes = plt.subplots(rows, cols, figsize=(width, height * rows), squeeze=False)
+    return plt, fig, axes
 
 
 def _save(plt, fig, path):
@@ -34,61 +37,87 @@ def _save(plt, fig, path):
     plt.close(fig)
 
 
-def plot_series(path, signals, fps, keys, titles, centred=()):
-    """One subplot per signal over time, a line per method."""
+def plot_series(path, series, fps, keys, titles):
+    """One subplot per signal over time, a line per method (gaps where no face)."""
     plt, fig, axes = _figure(len(keys))
-    for ax, key, title in zip(axes, keys, titles):
-        for name, values in signals.items():
-            y = np.asarray(values[key], float)
-            if key in centred and np.isfinite(y).any():
-                y = y - np.nanmedian(y)
-            ax.plot(np.arange(len(y)) / fps, y, label=name, **STYLE.get(name, {}))
+    for ax, key, title in zip(axes[:, 0], keys, titles):
+        for name, signals in series.items():
+            values_T = np.asarray(signals[key], float)
+            ax.plot(np.arange(len(values_T)) / fps, values_T, label=name, **STYLE.get(name, {}))
         ax.set_title(title, fontsize=9)
         ax.grid(alpha=0.3)
-    axes[0].legend(fontsize=8, ncol=len(signals))
-    axes[-1].set_xlabel("seconds")
+    axes[0, 0].legend(fontsize=8, ncol=len(series))
+    axes[-1, 0].set_xlabel("seconds")
     _save(plt, fig, path)
 
 
-def plot_frames(path, analyses, rows=4, height=160):
+def plot_frames(path, analyses, fps, rows=4, height=160):
     """Side-by-side frames at evenly spaced times, detected landmarks drawn as dots."""
-    count = len(next(iter(analyses.values())).frames)
+    count = len(analyses["original"].frames)
     times = np.unique(np.linspace(0, count - 1, rows).round().astype(int))
-    plt, fig, axes = _figure(len(times), len(analyses), height=2.2)
-    axes = np.asarray(axes).reshape(len(times), len(analyses))
+    plt, fig, axes = _figure(len(times), len(analyses), height=2.2,
+                             width=max(6, 2.2 * len(analyses)))
     for r, t in enumerate(times):
         for c, (name, analysis) in enumerate(analyses.items()):
-            ax = axes[r, c]
-            frame = analysis.frames[t]
+            ax, frame = axes[r, c], analysis.frames[t]
             scale = height / frame.shape[0]
             ax.imshow(np.asarray(Image.fromarray(frame).resize(
-                (max(1, round(frame.shape[1] * scale)), height))))
+                (max(1, round(frame.shape[1] * scale)), height), Image.BILINEAR)))
             if analysis.detected_T[t]:
-                points = analysis.landmarks_T68x2[t] * scale
-                ax.scatter(points[:, 0], points[:, 1], s=2, c="lime")
+                points_68x2 = analysis.landmarks_T68x2[t] * scale
+                ax.scatter(points_68x2[:, 0], points_68x2[:, 1], s=2, c="lime")
             ax.set_xticks([])
             ax.set_yticks([])
             if r == 0:
                 ax.set_title(name, fontsize=9)
             if c == 0:
-                ax.set_ylabel(f"frame {t}", fontsize=8)
+                ax.set_ylabel(f"{t / fps:.1f} s", fontsize=8)
     _save(plt, fig, path)
 
 
 def plot_privacy_utility(path, metrics):
-    plt, fig, axes = _figure(1, height=4)
-    ax = axes[0]
+    """Re-identification rate against landmark-motion correlation, one point per method."""
+    plt, fig, axes = _figure(1, height=4, width=6)
+    ax = axes[0, 0]
+    placed = {}  # methods at the same point get their labels stacked
     for name, m in metrics["methods"].items():
         x, y = m["privacy"]["reid_rate"], m["motion"]["landmark_correlation"]
+        label = name if y is not None else f"{name} (no landmarks)"
         y = 0.0 if y is None else y
-        ax.scatter([x], [y], s=60, **{k: v for k, v in STYLE.get(name, {}).items() if k == "color"})
-        ax.annotate(name, (x, y), textcoords="offset points", xytext=(6, 4), fontsize=9)
+        ax.scatter([x], [y], s=60, color=STYLE.get(name, {}).get("color", "gray"))
+        stack = placed.setdefault((round(x, 2), round(y, 2)), [])
+        ax.annotate(label, (x, y), textcoords="offset points", xytext=(6, 4 + 11 * len(stack)),
+                    fontsize=9)
+        stack.append(name)
     ax.set_xlabel("re-identification rate (lower = more private)")
-    ax.set_ylabel("landmark-motion correlation (higher = more useful)\n(0 where no landmarks)")
-    ax.set_xlim(-0.05, 1.05)
+    ax.set_ylabel("landmark-motion correlation\n(higher = more useful)")
+    ax.set_xlim(-0.05, 1.1)
     ax.set_ylim(-0.05, 1.05)
     ax.grid(alpha=0.3)
     _save(plt, fig, path)
+
+
+def _jsonable(value, digits=5):
+    """NumPy arrays to lists, NaN/inf to None (JSON null), series floats rounded."""
+    if isinstance(value, dict):
+        return {k: _jsonable(v, digits) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v, digits) for v in value]
+    if isinstance(value, np.ndarray):
+        return [None if not np.isfinite(v) else round(float(v), digits) for v in value.ravel()]
+    if isinstance(value, (float, np.floating)):
+        return float(value) if np.isfinite(value) else None
+    if isinstance(value, np.integer):
+        return int(value)
+    return value
+
+
+def json_metrics(metrics):
+    """What metrics.json holds: the metrics, with only the asymmetry series per method."""
+    out = {k: v for k, v in metrics.items() if k != "series"}
+    out["series"] = {name: {k: v for k, v in signals.items() if k.startswith("asymmetry_")}
+                     for name, signals in metrics["series"].items()}
+    return _jsonable(out)
 
 
 def _cell(value):
@@ -97,50 +126,78 @@ def _cell(value):
 
 def html_page(metrics, images):
     """A self-contained page: the headline table and the plots inlined as base64 PNGs."""
-    indices = list(next(iter(metrics["methods"].values()))["asymmetry"])
-    header = ["method", "face detected", "re-id rate", "top-1 (gallery)", "landmark r", "NME",
-              "blink r", "mouth r"] + [f"CCC {i}" for i in indices]
+    indices = list(next(iter(metrics["methods"].values()))["asymmetry"]) if metrics["methods"] else []
+    header = ["method", "face detected", "mean distance", "re-id rate", "top-1 (gallery)",
+              "landmark r", "NME", "blink r", "mouth r"] + [f"CCC {i}" for i in indices]
     rows = []
     for name, m in metrics["methods"].items():
         p, mo, a = m["privacy"], m["motion"], m["asymmetry"]
-        values = [p["detected_share"], p["reid_rate"], p["top1_rate"], mo["landmark_correlation"],
-                  mo["nme"], mo["blink_r"], mo["mouth_r"]] + [a[i]["ccc"] for i in indices]
-        rows.append("<tr><td>" + html.escape(name) + "</td>" +
-                    "".join(f"<td>{_cell(v)}</td>" for v in values) + "</tr>")
+        values = [p["detected_share"], p["mean_distance"], p["reid_rate"], p["top1_rate"],
+                  mo["landmark_correlation"], mo["nme"], mo["blink_r"], mo["mouth_r"]]
+        values += [a[i]["ccc"] for i in indices]
+        rows.append(f"<tr><td>{html.escape(name)}</td>"
+                    + "".join(f"<td>{_cell(v)}</td>" for v in values) + "</tr>")
     notes = "".join(f"<li>{html.escape(n)}</li>" for n in metrics["notes"])
-    pictures = "".join(f'<h2>{html.escape(name)}</h2><img src="data:image/png;base64,{data}">'
-                       for name, data in images.items())
+    pictures = "".join(f'<h2>{html.escape(name)}</h2><img alt="{html.escape(name)}" '
+                       f'src="data:image/png;base64,{data}">' for name, data in images.items())
     return f"""<!doctype html><html><head><meta charset="utf-8"><title>De-identification report</title>
 <style>body{{font-family:sans-serif;margin:2em}}table{{border-collapse:collapse}}
 td,th{{border:1px solid #ccc;padding:4px 8px;text-align:right}}img{{max-width:100%}}</style></head>
 <body><h1>De-identification report</h1>
 <p>Original: {html.escape(metrics["original"])}<br>De-identified: {html.escape(metrics["deid"])}<br>
-{metrics["frames"]} frames evaluated (stride {metrics["stride"]}), {metrics["original_face_frames"]} with a
-face in the original. Gallery: {html.escape(", ".join(metrics["gallery"]))}. Re-identification: embedding
-distance &lt; {metrics["same_person_threshold"]}. Landmark r: correlation of size/roll-normalised
-landmark displacements with the original's; NME in inter-ocular distances; CCC: Lin's concordance of
-the asymmetry indices.</p>
-<table><tr>{"".join(f"<th>{h}</th>" for h in header)}</tr>{"".join(rows)}</table>
+{metrics["frames"]} frames evaluated (stride {metrics["stride"]}), {metrics["original_face_frames"]} with
+a face in the original. Gallery: {html.escape(", ".join(metrics["gallery"]))}.</p>
+<p>Face detected: share of the original's face frames where the method's video shows a detected face.
+Re-id rate: share with a face-embedding distance to the original under
+{metrics["same_person_threshold"]} (dlib's same-person threshold; the attacker also fits landmarks
+where the face should be). Top-1: share where the original person is the closest gallery entry.
+Landmark r: correlation of size- and roll-normalised landmark displacements with the original's;
+NME in inter-ocular distances; CCC: Lin's concordance of the asymmetry indices over time.</p>
+<table><tr>{"".join(f"<th>{html.escape(h)}</th>" for h in header)}</tr>{"".join(rows)}</table>
 <ul>{notes}</ul>{pictures}</body></html>"""
 
 
-def write_report(report_dir, metrics, signals, analyses, fps):
+def _write_files(folder, metrics, analyses):
+    fps, series = metrics["fps"], metrics["series"]
+    plot_series(folder / "tracks.png", series, fps,
+                ["blink", "mouth", "mouth_corner_left_dy", "mouth_corner_right_dy"],
+                ["eye opening (mean eye aspect ratio)", "mouth opening (inner-lip gap / width)",
+                 "image-left mouth corner, vertical displacement (inter-ocular units)",
+                 "image-right mouth corner, vertical displacement (inter-ocular units)"])
+    keys = [k for k in series["original"] if k.startswith("asymmetry_")]
+    plot_series(folder / "asymmetry.png", series, fps, keys,
+                [k.replace("asymmetry_", "asymmetry: ").replace("_", " ") for k in keys])
+    plot_frames(folder / "frames.png", analyses, fps)
+    plot_privacy_utility(folder / "privacy_utility.png", metrics)
+    images = {name: base64.b64encode((folder / name).read_bytes()).decode() for name in PLOTS}
+    (folder / "metrics.json").write_text(json.dumps(json_metrics(metrics), indent=1))
+    (folder / "report.html").write_text(html_page(metrics, images))
+
+
+def write_report(report_dir, metrics, analyses):
+    """Writes metrics.json, the PNGs and report.html into ``report_dir``; returns the page's path.
+
+    ``analyses`` maps "original", "deid" and each baseline to its evaluation.Analysis (frames
+    and landmarks, for frames.png).
+    """
     report_dir = pathlib.Path(report_dir)
-    report_dir.mkdir(parents=True, exist_ok=True)
-    staging = pathlib.Path(tempfile.mkdtemp(prefix=".partial-", dir=report_dir))
+    if report_dir.exists() and not report_dir.is_dir():
+        raise SafeTriageError(f"The report folder {report_dir} is a file; pass a folder name.")
+    report_dir.parent.mkdir(parents=True, exist_ok=True)
+    fresh = not report_dir.exists()
+    # mkdir (not mkdtemp, which makes it private) so a fresh folder gets the usual permissions
+    parent = report_dir.parent if fresh else report_dir
+    staging = parent / f".{report_dir.name}.partial-{uuid.uuid4().hex[:8]}"
+    staging.mkdir()
     try:
-        plot_series(staging / "tracks.png", signals, fps, ["blink", "mouth", "mouth_corner_y"],
-                    ["eye opening (mean eye aspect ratio)", "mouth opening",
-                     "image-left mouth corner height (inter-ocular units, median removed)"],
-                    centred={"mouth_corner_y"})
-        keys = [k for k in next(iter(signals.values())) if k.startswith("asymmetry_")]
-        plot_series(staging / "asymmetry.png", signals, fps, keys,
-                    [k.replace("asymmetry_", "asymmetry: ").replace("_", " ") for k in keys])
-        plot_frames(staging / "frames.png", analyses)
-        plot_privacy_utility(staging / "privacy_utility.png", metrics)
-        images = {name: base64.b64encode((staging / name).read_bytes()).decode() for name in PLOTS}
-        (staging / "metrics.json").write_text(json.dumps(metrics, indent=2))
-        (staging / "report.html").write_text(html_page(metrics, images))
+        _write_files(staging, metrics, analyses)
+        if fresh:
+            try:
+                staging.rename(report_dir)  # the whole folder appears at once
+                return report_dir / "report.html"
+            except OSError:  # created meanwhile: fall back to moving the files in
+                pass
+        report_dir.mkdir(exist_ok=True)
         for path in staging.iterdir():
             path.replace(report_dir / path.name)
     finally:
