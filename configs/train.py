@@ -12,7 +12,7 @@ import dataclasses
 
 import ml_collections
 
-from safetriage_jax.models.config import PRESETS, TPSMMConfig
+from safetriage_jax.models.config import PRESETS, TPSMMConfig, apply_override
 
 
 def base_config() -> ml_collections.ConfigDict:
@@ -91,20 +91,3 @@ def get_config(arg: str = "vox-256") -> ml_collections.ConfigDict:
     for override in overrides:
         apply_override(c, override)
     return c
-
-
-def apply_override(c, override):
-    """``a.b=value``: the value is parsed as the type of the current one (tuples: ``1;2;3``)."""
-    key, _, text = override.partition("=")
-    *parents, leaf = key.split(".")
-    node = c
-    for name in parents:
-        node = node[name]
-    current = node[leaf]
-    if isinstance(current, bool):
-        value = text.lower() in ("1", "true", "yes")
-    elif isinstance(current, tuple):
-        value = tuple(type(current[0])(v) for v in text.split(";")) if text else ()
-    else:
-        value = type(current)(text)
-    node[leaf] = value

@@ -24,18 +24,9 @@ from safetriage_jax.checkpoint import save_model
 from safetriage_jax.deid.pipeline import DeidOptions, deidentify
 from safetriage_jax.models.config import load_model_config
 from safetriage_jax.models.tpsmm import init_variables
-from safetriage_jax.video import VideoReader, video_writer
+from safetriage_jax.video import copy_first_frames
 
 SHARED = pathlib.Path(__file__).resolve().parents[2] / "shared" / "samples"
-
-
-def first_frames(video, count, out):
-    with VideoReader(video) as reader:
-        frames = [frame for _, frame in zip(range(count), reader)]
-        fps = reader.fps
-    with video_writer(out, fps, frames[0].shape[1], frames[0].shape[0]) as write:
-        write(frames)
-    return len(frames), frames[0].shape
 
 
 def twice(fn):
@@ -62,7 +53,7 @@ def main():
     config = load_model_config(args.config)
     model = save_model(work / "model", config, init_variables(config, jax.random.PRNGKey(0)))
     clip = work / "clip.mp4"
-    count, shape = first_frames(args.video, args.frames, clip)
+    count, (height, width) = copy_first_frames(args.video, clip, args.frames)
 
     rows = []
     _, seconds = twice(lambda: animate_video(model, args.identity, clip, work / "a.mp4",
@@ -76,7 +67,7 @@ def main():
                      "seconds": seconds, "stages": summary["stage_seconds"]})
     device = jax.devices()[0]
     base = rows[0]["seconds"]
-    print(f"\ndeid throughput: {count} frames of {shape[1]}x{shape[0]}, config {args.config} "
+    print(f"\ndeid throughput: {count} frames of {width}x{height}, config {args.config} "
           f"({config.image_size}px, random weights), batch {args.batch}, device "
           f"{device.device_kind} ({device.platform}), jax {jax.__version__}, {time.strftime('%Y-%m-%d')}")
     print(f"{'pipeline':<28} {'frames/s':>9} {'vs animate':>11} {'find face s':>12} {'render s':>9}")

@@ -15,6 +15,7 @@ from tqdm.auto import tqdm
 
 from safetriage_jax.checkpoint import load_model
 from safetriage_jax.errors import SafeTriageError
+from safetriage_jax.models import prompt as prompt_lib
 from safetriage_jax.models.tpsmm import TPSMM
 from safetriage_jax.video import VideoReader, read_image, video_writer
 
@@ -41,18 +42,24 @@ def relative_keypoints(kp_source_1N2, kp_driving_BN2, kp_initial_1N2, movement_s
 
 
 class Animator:
-    """Holds a model and one source image; animates batches of driving frames."""
+    """Holds a model and one source image; animates batches of driving frames.
 
-    def __init__(self, config, variables, mode="relative", warp_implementation=None):
+    With ``prompt=(PromptConfig, params)`` every driving frame, the reference (first) frame
+    included, gets its generated prompt before the backbone reads its keypoints.
+    """
+
+    def __init__(self, config, variables, mode="relative", warp_implementation=None, prompt=None):
         if mode not in MODES:
             raise SafeTriageError(f"Unknown mode {mode!r}; choose one of {', '.join(MODES)}.")
         if mode == "avd" and "avd_network" not in variables["params"]:
             raise SafeTriageError("This checkpoint has no AVD network; use --mode relative or "
                                   "--mode standard.")
         self.config, self.variables, self.mode = config, variables, mode
+        self.prompt_config, self.prompt_params = prompt if prompt is not None else (None, None)
         self.model = TPSMM(config, warp_implementation=warp_implementation)
         self._prepare = jax.jit(self._prepare_impl)
         self._keypoints = jax.jit(self._keypoints_impl)
+        self._reference = jax.jit(self._reference_impl)
         self._animate = jax.jit(self._animate_impl)
 
     def _keypoints_impl(self, variables, images_NHW3_uint8):
@@ -65,11 +72,24 @@ class Animator:
         features = self.model.apply(variables, source, method=TPSMM.encode_source)
         return source, kp_source, features
 
-    def _animate_impl(self, variables, state, frames_NHW3_uint8):
-        source, kp_source, features, kp_initial, movement_scale = state
+    def _driving_keypoints(self, variables, prompt_params, frames_NHW3_uint8, reference, source):
+        """Keypoints of driving frames, prompted first when there is a prompt generator."""
         driving = to_model_input(frames_NHW3_uint8, self.config.image_size)
-        batch = driving.shape[0]
-        kp_driving = self.model.apply(variables, driving, method=TPSMM.keypoints)
+        if self.prompt_config is not None:
+            driving, _ = prompt_lib.prompted(prompt_params, self.prompt_config, driving,
+                                             reference, source)
+        return self.model.apply(variables, driving, method=TPSMM.keypoints)
+
+    def _reference_impl(self, variables, prompt_params, reference_1HW3_uint8, source):
+        reference = to_model_input(reference_1HW3_uint8, self.config.image_size)
+        return reference, self._driving_keypoints(variables, prompt_params, reference_1HW3_uint8,
+                                                  reference, source)
+
+    def _animate_impl(self, variables, prompt_params, state, frames_NHW3_uint8):
+        source, kp_source, features, kp_initial, movement_scale, reference = state
+        batch = frames_NHW3_uint8.shape[0]
+        kp_driving = self._driving_keypoints(variables, prompt_params, frames_NHW3_uint8,
+                                             reference, source)
         kp_source_b = jnp.broadcast_to(kp_source, (batch,) + kp_source.shape[1:])
         if self.mode == "standard":
             kp_target = kp_driving
@@ -85,10 +105,11 @@ class Animator:
     def set_source(self, source_HW3_uint8, first_driving_HW3_uint8):
         """Caches everything that depends only on the source and the first driving frame."""
         source, kp_source, features = self._prepare(self.variables, source_HW3_uint8[None])
-        kp_initial = self.keypoints(first_driving_HW3_uint8[None])
+        reference, kp_initial = self._reference(self.variables, self.prompt_params,
+                                                first_driving_HW3_uint8[None], source)
         area_source, area_initial = hull_area(kp_source[0]), hull_area(kp_initial[0])
         scale = np.sqrt(area_source) / np.sqrt(area_initial) if area_initial > 0 else 1.0
-        self._state = (source, kp_source, features, kp_initial, jnp.float32(scale))
+        self._state = (source, kp_source, features, kp_initial, jnp.float32(scale), reference)
 
     def keypoints(self, frames_NHW3_uint8):
         """(N, K*5, 2) keypoints of uint8 frames (any size; resized to the model's)."""
@@ -96,7 +117,7 @@ class Animator:
 
     def animate(self, frames_NHW3_uint8):
         """Dispatches one batch (asynchronously); returns a device array of uint8 frames."""
-        return self._animate(self.variables, self._state, frames_NHW3_uint8)
+        return self._animate(self.variables, self.prompt_params, self._state, frames_NHW3_uint8)
 
 
 def batches(frames, batch_size):

@@ -1,4 +1,4 @@
-"""Saving and loading ported/trained TPSMM weights without PyTorch.
+"""Saving and loading ported/trained TPSMM weights (and prompt generators) without PyTorch.
 
 A model directory holds ``config.json`` (the :class:`TPSMMConfig`) and the variables either as
 an orbax checkpoint (``variables/``, the default) or as ``model.safetensors``, or both.
@@ -21,10 +21,12 @@ from safetriage_jax.models.tpsmm import variable_shapes
 CONFIG_FILE = "config.json"
 ORBAX_DIR = "variables"
 SAFETENSORS_FILE = "model.safetensors"
+PROMPT_PARAMS_DIR = "params"
 
 
-def save_model(out_dir, config: TPSMMConfig, variables, *, safetensors=False, overwrite=False):
-    """Writes ``out_dir`` whole or not at all (built in a temp dir beside it, then renamed)."""
+def _write_directory(out_dir, overwrite, fill):
+    """Creates ``out_dir`` whole or not at all: ``fill(staging_dir)`` writes into a temp dir
+    beside it, which is then renamed."""
     out_dir = pathlib.Path(out_dir).absolute()
     if out_dir.exists() and any(out_dir.iterdir()) and not overwrite:
         raise SafeTriageError(f"{out_dir} exists and is not empty; choose another --out or pass "
@@ -32,15 +34,7 @@ def save_model(out_dir, config: TPSMMConfig, variables, *, safetensors=False, ov
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     staging = pathlib.Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
     try:
-        (staging / CONFIG_FILE).write_text(config.to_json())
-        variables = jax.tree.map(np.asarray, variables)
-        with ocp.StandardCheckpointer() as checkpointer:
-            checkpointer.save(staging / ORBAX_DIR, variables)
-        if safetensors:
-            from safetensors.numpy import save_file
-            flat = traverse_util.flatten_dict(variables, sep="/")
-            save_file({k: np.ascontiguousarray(v) for k, v in flat.items()},
-                      str(staging / SAFETENSORS_FILE))
+        fill(staging)
         if out_dir.exists():
             shutil.rmtree(out_dir)
         staging.rename(out_dir)
@@ -48,6 +42,62 @@ def save_model(out_dir, config: TPSMMConfig, variables, *, safetensors=False, ov
         shutil.rmtree(staging, ignore_errors=True)
         raise
     return out_dir
+
+
+def _save_tree(directory, tree):
+    with ocp.StandardCheckpointer() as checkpointer:
+        checkpointer.save(directory, jax.tree.map(np.asarray, tree))
+
+
+def _restore_tree(directory, what):
+    try:
+        with ocp.StandardCheckpointer() as checkpointer:
+            return checkpointer.restore(pathlib.Path(directory).absolute())
+    except Exception as err:  # orbax raises several types for damaged directories
+        raise SafeTriageError(f"Could not read the orbax checkpoint in {directory} "
+                              f"({type(err).__name__}); {what}.") from None
+
+
+def save_model(out_dir, config: TPSMMConfig, variables, *, safetensors=False, overwrite=False):
+    """Writes a model directory (config.json + variables), whole or not at all."""
+    def fill(staging):
+        (staging / CONFIG_FILE).write_text(config.to_json())
+        _save_tree(staging / ORBAX_DIR, variables)
+        if safetensors:
+            from safetensors.numpy import save_file
+            flat = traverse_util.flatten_dict(jax.tree.map(np.asarray, variables), sep="/")
+            save_file({k: np.ascontiguousarray(v) for k, v in flat.items()},
+                      str(staging / SAFETENSORS_FILE))
+    return _write_directory(out_dir, overwrite, fill)
+
+
+def save_prompt(out_dir, config, params, *, info=None, overwrite=True):
+    """Writes a prompt-generator directory: config.json (PromptConfig), params/, info.json."""
+    def fill(staging):
+        (staging / CONFIG_FILE).write_text(config.to_json())
+        (staging / "info.json").write_text(json.dumps(info or {}, indent=2))
+        _save_tree(staging / PROMPT_PARAMS_DIR, params)
+    return _write_directory(out_dir, overwrite, fill)
+
+
+def load_prompt(prompt_dir):
+    """(PromptConfig, params) from a directory written by ``safetriage train-prompt``."""
+    from safetriage_jax.models.prompt import PromptConfig, init_params
+    prompt_dir = pathlib.Path(prompt_dir)
+    if not (prompt_dir / PROMPT_PARAMS_DIR).is_dir() or not (prompt_dir / CONFIG_FILE).is_file():
+        raise SafeTriageError(f"{prompt_dir} is not a prompt-generator directory (it needs "
+                              f"{CONFIG_FILE} and {PROMPT_PARAMS_DIR}/); make one with "
+                              "`safetriage train-prompt`.")
+    try:
+        config = PromptConfig.from_dict(json.loads((prompt_dir / CONFIG_FILE).read_text()))
+    except (json.JSONDecodeError, TypeError) as err:
+        raise SafeTriageError(f"{prompt_dir / CONFIG_FILE} is not a prompt config ({err}).") from None
+    params = _restore_tree(prompt_dir / PROMPT_PARAMS_DIR, "train the prompt generator again")
+    expected = jax.eval_shape(lambda: init_params(config, jax.random.PRNGKey(0)))
+    if jax.tree.structure(expected) != jax.tree.structure(params) or any(
+            a.shape != b.shape for a, b in zip(jax.tree.leaves(expected), jax.tree.leaves(params))):
+        raise SafeTriageError(f"The parameters in {prompt_dir} do not fit its config.json.")
+    return config, params
 
 
 def load_config(model_dir) -> TPSMMConfig:
@@ -70,12 +120,7 @@ def load_model(model_dir):
                               "`safetriage port-weights`.")
     config = load_config(model_dir)
     if (model_dir / ORBAX_DIR).is_dir():
-        try:
-            with ocp.StandardCheckpointer() as checkpointer:
-                variables = checkpointer.restore((model_dir / ORBAX_DIR).absolute())
-        except Exception as err:  # orbax raises several types for damaged directories
-            raise SafeTriageError(f"Could not read the orbax checkpoint in {model_dir / ORBAX_DIR} "
-                                  f"({type(err).__name__}); port the weights again.") from None
+        variables = _restore_tree(model_dir / ORBAX_DIR, "port the weights again")
     elif (model_dir / SAFETENSORS_FILE).is_file():
         from safetensors.numpy import load_file
         try:

@@ -135,12 +135,23 @@ def cmd_demo(args):
                            shared / DEMO_SAMPLES / "driving.mp4", out, mode=args.mode,
                            batch_size=args.batch)
     print(f"Wrote {out}: {frames} frames in {time.perf_counter() - start:.1f} s.")
+    from safetriage_jax.deid.evaluation import evaluate_deid
+    from safetriage_jax.deid.pipeline import DeidOptions, deidentify
+    driving, source = shared / DEMO_SAMPLES / "driving.mp4", shared / DEMO_SAMPLES / "source.png"
+    deid = out_dir / "deid.mp4"
+    summary = deidentify(driving, source, deid, model_dir,
+                         options=DeidOptions(paste_back=True, batch_size=args.batch))
+    print(f"Wrote {deid}: {summary['frames']} frames de-identified (face pasted back) in "
+          f"{summary['seconds']:.1f} s.")
+    evaluate_deid(driving, deid, out_dir / "report", identity_path=source, stride=3)
+    print(f"Wrote the evaluation report {out_dir / 'report' / 'report.html'} (every 3rd frame).")
 
 
-def cmd_train(args):
+def _run_training(args, train_fn, what, result, hint=""):
+    """Shared by `train` and `train-prompt`: multi-host set-up, a persistent compilation cache,
+    the config, the run, and a one-line result."""
     import jax
     from safetriage_jax.models.config import load_python_config
-    from safetriage_jax.train.loop import train
     if args.distributed:
         jax.distributed.initialize()
     if not jax.config.jax_compilation_cache_dir:  # restarts and --resume skip recompiling
@@ -148,9 +159,21 @@ def cmd_train(args):
                           str(pathlib.Path("~/.cache/safetriage-jax/xla").expanduser()))
     config = load_python_config(args.config)
     start = time.perf_counter()
-    _, metrics = train(config, args.workdir, resume=args.resume)
-    print(f"Trained to {args.workdir} in {time.perf_counter() - start:.0f} s; last loss "
-          f"{float(metrics.get('loss', float('nan'))):.4f}. Model: {pathlib.Path(args.workdir) / 'model'}")
+    _, metrics = train_fn(config, args.workdir, resume=args.resume)
+    print(f"Trained {what} to {args.workdir} in {time.perf_counter() - start:.0f} s; last loss "
+          f"{float(metrics.get('loss', float('nan'))):.4f}. Result: "
+          f"{pathlib.Path(args.workdir) / result}{hint}")
+
+
+def cmd_train(args):
+    from safetriage_jax.train.loop import train
+    _run_training(args, train, "the backbone", "model")
+
+
+def cmd_train_prompt(args):
+    from safetriage_jax.train.prompt import train_prompt
+    _run_training(args, train_prompt, "the prompt generator", "prompt",
+                  " (use it with `safetriage deid --prompt-checkpoint`)")
 
 
 def cmd_evaluate(args):
@@ -181,15 +204,15 @@ def cmd_deid(args):
                               "weights once: `safetriage port-weights --checkpoint vox.pth.tar "
                               f"--config vox-256 --out {DEFAULT_CHECKPOINT}` (or pass --checkpoint).")
     options = DeidOptions(mode=args.mode, reference=args.reference, paste_back=args.paste_back,
-                          detector=args.detector,
+                          detector=args.detector, keep_audio=args.keep_audio,
                           batch_size=args.batch, warp_implementation=args.warp_implementation,
                           framing=FramingOptions(scale=args.crop_scale))
     summary = deidentify(args.input, args.identity, args.out, checkpoint, options=options,
-                         report_dir=args.report)
+                         prompt_dir=args.prompt_checkpoint, report_dir=args.report)
     print(f"Wrote {args.out}: {summary['frames']} frames ({summary['face_frames']} with the face "
           f"found, {summary['filled_frames']} filled between detections, "
           f"{summary['blank_frames']} blanked) in {summary['seconds']:.1f} s "
-          f"({summary['frames_per_second']:.1f} frames/s). Audio and metadata dropped.")
+          f"({summary['frames_per_second']:.1f} frames/s). Audio {summary['audio']}, metadata dropped.")
     for note in summary["notes"]:
         print(f"note: {note}")
     if args.report:
@@ -261,14 +284,22 @@ def build_parser():
     p.add_argument("--warp-implementation", default=None, help="grid-sample backend (default: best)")
     p.set_defaults(func=cmd_animate)
 
-    p = sub.add_parser("train", help="train the backbone (configs/train.py:VARIANT)")
-    p.add_argument("--config", required=True,
-                   help="configs/train.py:VARIANT[,key=value] (variants: vox-256, synthetic-256, small)")
-    p.add_argument("--workdir", required=True, help="checkpoints, logs, samples and the final model")
-    p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint")
-    p.add_argument("--distributed", action="store_true",
-                   help="multi-host: call jax.distributed.initialize() (cluster auto-detected)")
-    p.set_defaults(func=cmd_train)
+    def add_training(name, help, config_help, func):
+        p = sub.add_parser(name, help=help)
+        p.add_argument("--config", required=True, help=config_help)
+        p.add_argument("--workdir", required=True, help="checkpoints, logs, samples and the result")
+        p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint")
+        p.add_argument("--distributed", action="store_true",
+                       help="multi-host: call jax.distributed.initialize() (cluster auto-detected)")
+        p.set_defaults(func=func)
+
+    add_training("train", "train the backbone (configs/train.py:VARIANT)",
+                 "configs/train.py:VARIANT[,key=value] (variants: vox-256, synthetic-256, small)",
+                 cmd_train)
+    add_training("train-prompt", "train the prompt generator, backbone frozen "
+                 "(configs/prompt.py:VARIANT)",
+                 "configs/prompt.py:VARIANT[,key=value] (variants: vox-256, small)",
+                 cmd_train_prompt)
 
     p = sub.add_parser("evaluate", help="reconstruction / motion-transfer metrics on held-out clips")
     p.add_argument("--config", required=True, help="the training config (for the dataset)")
@@ -284,6 +315,8 @@ def build_parser():
     p.add_argument("--out", required=True, help="output mp4 (h264, video only)")
     p.add_argument("--checkpoint", default=None,
                    help=f"model directory (default: $SAFETRIAGE_CHECKPOINT or {DEFAULT_CHECKPOINT})")
+    p.add_argument("--prompt-checkpoint", default=None,
+                   help="prompt generator from `safetriage train-prompt` (WORKDIR/prompt)")
     p.add_argument("--report", default=None,
                    help="also write deid.json and the privacy/utility evaluation here")
     p.add_argument("--paste-back", action="store_true",
@@ -292,6 +325,8 @@ def build_parser():
                    help="frame relative motion starts from: first with a face, most neutral and "
                         "frontal, or most like the identity's pose")
     p.add_argument("--crop-scale", type=float, default=1.8, help="crop side / face box side")
+    p.add_argument("--keep-audio", action="store_true",
+                   help="copy the input's audio (re-encoded AAC); dropped by default: voices identify")
     p.add_argument("--detector", default="hog", choices=["hog", "centerface"],
                    help="face detector: dlib HOG (default) or CenterFace (extra `centerface`)")
     add_animation_options(p)
@@ -311,7 +346,8 @@ def build_parser():
     p.add_argument("--stride", type=int, default=1, help="evaluate every n-th frame")
     p.set_defaults(func=cmd_evaluate_deid)
 
-    p = sub.add_parser("demo", help="port the shared fixture and animate the shared samples")
+    p = sub.add_parser("demo", help="port the shared fixture; animate and de-identify the shared "
+                                    "samples, with the evaluation report")
     p.add_argument("--shared", default=None, help="the shared/ folder (default: ../shared)")
     p.add_argument("--out", default="out/demo", help="where to write the model and the video")
     add_animation_options(p)

@@ -87,10 +87,11 @@ class VideoReader:
 
 
 @contextlib.contextmanager
-def video_writer(path, fps, width, height, crf=18):
+def video_writer(path, fps, width, height, crf=18, audio_from=None):
     """Yields ``write(frames_NHW3_uint8)``; the h264 mp4 appears at ``path`` only on success.
 
-    Only the video stream is written (no audio, no metadata copied from anywhere). h264 needs even
+    Only the video stream is written, unless ``audio_from`` names a file whose first audio track
+    is then re-encoded as AAC alongside; no metadata is copied from anywhere. h264 needs even
     sides, so an odd width or height gets one replicated column or row.
     """
     pad = ((0, height % 2), (0, width % 2), (0, 0))
@@ -103,6 +104,7 @@ def video_writer(path, fps, width, height, crf=18):
         stream = container.add_stream("libx264", rate=fractions.Fraction(fps).limit_denominator(1001))
         stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"
         stream.options = {"crf": str(crf)}
+        audio = _AudioCopy(audio_from, container) if audio_from is not None else None
 
         def write(frames_NHW3):
             for frame in frames_NHW3:
@@ -113,6 +115,8 @@ def video_writer(path, fps, width, height, crf=18):
 
         yield write
         container.mux(stream.encode(None))
+        if audio is not None:
+            audio.copy()
         container.close()
         if not tmp.exists():
             raise SafeTriageError(f"No frames were written, so {path} was not created.")
@@ -121,3 +125,44 @@ def video_writer(path, fps, width, height, crf=18):
         container.close()
         tmp.unlink(missing_ok=True)
         raise
+
+
+class _AudioCopy:
+    """The first audio track of a file, re-encoded as AAC into an output container (re-encoding
+    takes any input codec, and mp4 cannot hold all of them)."""
+
+    def __init__(self, source_path, container):
+        self.source = av.open(str(source_path))
+        if not self.source.streams.audio:
+            self.source.close()
+            raise SafeTriageError(f"{source_path} has no audio track to keep; drop --keep-audio.")
+        self.input = self.source.streams.audio[0]
+        rate = self.input.codec_context.sample_rate or 48000
+        self.output = container.add_stream("aac", rate=rate)
+        self.output.layout = "stereo" if self.input.codec_context.channels > 1 else "mono"
+        self.resampler = av.AudioResampler(format="fltp", layout=self.output.layout, rate=rate)
+        self.container = container
+
+    def copy(self):
+        try:
+            for frame in self.source.decode(self.input):
+                frame.pts = None
+                for resampled in self.resampler.resample(frame):
+                    self.container.mux(self.output.encode(resampled))
+            self.container.mux(self.output.encode(None))
+        except av.error.FFmpegError as err:
+            raise SafeTriageError(f"Could not copy the audio of {self.source.name} ({err}); "
+                                  "drop --keep-audio.") from None
+        finally:
+            self.source.close()
+
+
+def copy_first_frames(source_path, out_path, count):
+    """Writes the first ``count`` frames of a video to ``out_path`` (same fps); returns
+    (frames written, (height, width))."""
+    with VideoReader(source_path) as reader:
+        frames = [frame for _, frame in zip(range(count), reader)]
+        fps = reader.fps
+    with video_writer(out_path, fps, frames[0].shape[1], frames[0].shape[0]) as write:
+        write(frames)
+    return len(frames), frames[0].shape[:2]

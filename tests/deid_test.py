@@ -87,12 +87,11 @@ def test_deid_blanks_frames_without_a_face_and_drops_audio_and_tags(tmp_path, pa
 def test_paste_back_replaces_the_face_and_keeps_the_rest(tmp_path, tiny_model_dir):
     frames = _driving_frames(6)
     video = tmp_path / "in.mp4"
-    with video_writer(video, 25, frames[0].shape[1], frames[0].shape[0]) as write:
-        write(frames)
+    _write_with_audio_and_tags(video, frames)
     original = _read(video).astype(np.int16)
     out = tmp_path / "paste.mp4"
-    summary = deidentify(video, SAMPLES / "source.png", out, tiny_model_dir,
-                         options=DeidOptions(paste_back=True, reference="neutral"), progress=False)
+    summary = deidentify(video, SAMPLES / "source.png", out, tiny_model_dir, progress=False,
+                         options=DeidOptions(paste_back=True, reference="neutral", keep_audio=True))
     result = _read(out).astype(np.int16)
     assert result.shape == original.shape
     track = FaceTracker().track(frames, 25)
@@ -101,6 +100,10 @@ def test_paste_back_replaces_the_face_and_keeps_the_rest(tmp_path, tiny_model_di
     corner = np.abs(result - original)[:, :12, :12].mean()  # far outside the crop
     assert inner > 20 and corner < 3, (inner, corner)
     assert 0 <= summary["reference"]["frame"] < 6
+    container = av.open(str(out))  # --keep-audio: the voice stays, the tags still go
+    assert sorted(s.type for s in container.streams) == ["audio", "video"]
+    assert "title" not in container.metadata and summary["audio"] == "kept (AAC)"
+    container.close()
 
 
 def test_plan_crops_fills_short_gaps_blanks_long_ones_and_smooths():
@@ -179,7 +182,7 @@ def test_deid_cli_writes_the_summary_and_the_evaluation(tmp_path, tiny_model_dir
     metrics = json.loads((tmp_path / "report" / "metrics.json").read_text())
     assert set(metrics["methods"]) == {"deid", "blur", "pixelate", "mask"}
     assert (tmp_path / "report" / "report.html").is_file()
-    assert "Audio and metadata dropped" in capsys.readouterr().out
+    assert "Audio dropped, metadata dropped" in capsys.readouterr().out
 
 
 def test_rotated_phone_video_is_read_upright(tmp_path):

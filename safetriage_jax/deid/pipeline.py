@@ -3,8 +3,8 @@
 Two passes over the input. The first finds and tracks the face and plans a smoothed square crop
 per frame. The second crops, animates the identity image with the crops (batched, jitted), and
 writes either the generated crops or the full frames with the face pasted back. Frames with no
-face are written black, never as the original. Only video is written: audio and metadata are
-dropped (a voice or a recording's tags can identify a person too).
+face are written black, never as the original. Only video is written unless audio is asked
+for: audio and metadata are dropped (a voice or a recording's tags can identify a person too).
 """
 
 import dataclasses
@@ -18,7 +18,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from safetriage_jax.animate import Animator
-from safetriage_jax.checkpoint import load_model
+from safetriage_jax.checkpoint import load_model, load_prompt
 from safetriage_jax.deid import landmarks
 from safetriage_jax.deid.faces import FaceTracker, crop_square, face_models, find_faces
 from safetriage_jax.deid.framing import BLANK, FramingOptions, paste, plan_crops
@@ -34,6 +34,7 @@ class DeidOptions:
     reference: str = "first"  # which frame relative motion starts from: first | neutral | best
     paste_back: bool = False  # full frames with the face replaced, instead of the face crop
     detector: str = "hog"  # dlib HOG, or CenterFace (the `centerface` extra)
+    keep_audio: bool = False  # off by default: a voice identifies a person too
     batch_size: int = 16
     framing: FramingOptions = FramingOptions()
     warp_implementation: str | None = None
@@ -125,15 +126,18 @@ def _ranges(mask_T, fps):
 
 
 def deidentify(input_path, identity_path, out_path, model_dir, *, options=DeidOptions(),
-               report_dir=None, progress=True):
+               prompt_dir=None, report_dir=None, progress=True):
     """Writes the de-identified video to ``out_path`` (atomically); returns a summary dict.
 
-    With ``report_dir``, also writes ``deid.json`` there and the privacy/utility evaluation.
+    ``prompt_dir``: a prompt generator from ``safetriage train-prompt`` that adapts the patient's
+    frames for the backbone. With ``report_dir``, also writes ``deid.json`` there and the
+    privacy/utility evaluation.
     """
     _check(options)
     start_time = time.perf_counter()
     config, variables = load_model(model_dir)
-    animator = Animator(config, variables, options.mode, options.warp_implementation)
+    prompt = load_prompt(prompt_dir) if prompt_dir is not None else None
+    animator = Animator(config, variables, options.mode, options.warp_implementation, prompt)
     size = config.image_size
     models = face_models(options.detector)
     identity, identity_marks, notes = identity_face(identity_path, size, options.framing, models)
@@ -158,7 +162,9 @@ def deidentify(input_path, identity_path, out_path, model_dir, *, options=DeidOp
 
     width, height = (track.width, track.height) if options.paste_back else (size, size)
     blank = np.zeros((height, width, 3), np.uint8)
-    with VideoReader(input_path) as reader, video_writer(out_path, reader.fps, width, height) as write:
+    audio_from = input_path if options.keep_audio else None
+    with VideoReader(input_path) as reader, \
+            video_writer(out_path, reader.fps, width, height, audio_from=audio_from) as write:
         bar = tqdm(total=track.num_frames, unit="frame", desc="de-identify", disable=not progress)
         pending = None
         for entries, crops in _chunks(reader, plan, size, options.batch_size):
@@ -176,12 +182,13 @@ def deidentify(input_path, identity_path, out_path, model_dir, *, options=DeidOp
     seconds = end_time - start_time
     summary = {
         "input": str(input_path), "identity": str(identity_path), "output": str(out_path),
-        "model": str(model_dir), "mode": options.mode, "paste_back": options.paste_back,
+        "model": str(model_dir), "prompt": None if prompt_dir is None else str(prompt_dir),
+        "mode": options.mode, "paste_back": options.paste_back,
         "frames": track.num_frames, "fps": fps, "face_frames": counts["face"],
         "filled_frames": counts["filled"], "blank_frames": counts["blank"],
         "blank_ranges": _ranges(plan.status_T == BLANK, fps),
         "reference": {"how": options.reference, "frame": reference},
-        "audio": "dropped", "metadata": "dropped",
+        "audio": "kept (AAC)" if options.keep_audio else "dropped", "metadata": "dropped",
         "seconds": round(seconds, 2), "frames_per_second": round(track.num_frames / seconds, 2),
         "stage_seconds": {"load": round(setup_done - start_time, 3),  # model, identity face
                           "find_face": round(track_done - setup_done, 3),  # decode, track, plan

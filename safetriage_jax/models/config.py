@@ -137,6 +137,23 @@ def load_python_config(spec):
         raise SafeTriageError(f"Config {spec}: {err}") from None
 
 
+def apply_override(c, override):
+    """``a.b=value``: the value is parsed as the type of the current one (tuples: ``1;2;3``)."""
+    key, _, text = override.partition("=")
+    *parents, leaf = key.split(".")
+    node = c
+    for name in parents:
+        node = node[name]
+    current = node[leaf]
+    if isinstance(current, bool):
+        value = text.lower() in ("1", "true", "yes")
+    elif isinstance(current, tuple):
+        value = tuple(type(current[0])(v) for v in text.split(";")) if text else ()
+    else:
+        value = type(current)(text)
+    node[leaf] = value
+
+
 def _from_python_config(spec):
     """``path/to/file.py[:arg]`` whose ``get_config(arg)`` returns a ConfigDict with ``model``."""
     cfg = load_python_config(spec)

@@ -29,14 +29,17 @@ class TrainCheckpoints:
     def steps(self):
         return sorted(self._manager.all_steps())
 
-    def save(self, step, state, data_state: bytes):
-        """Starts writing ``step`` in the background (returns at once when async)."""
+    def save(self, step, state, data_state):
+        """Starts writing ``step`` in the background (returns at once when async).
+        ``data_state``: the loader's state, JSON bytes (grain DataLoader) or a dict (grain
+        dataset iterators); restored as the same type."""
+        wrapped = ({"bytes": json.loads(data_state)} if isinstance(data_state, (bytes, str))
+                   else {"dict": data_state})
         self._manager.save(int(step), force=True, args=ocp.args.Composite(
-            state=ocp.args.StandardSave(state),
-            data=ocp.args.JsonSave(json.loads(data_state))))
+            state=ocp.args.StandardSave(state), data=ocp.args.JsonSave(wrapped)))
 
     def restore_latest(self, state_like):
-        """(state, data_state bytes, step) of the newest readable step, laid out like
+        """(state, data_state, step) of the newest readable step, laid out like
         ``state_like`` (arrays or ShapeDtypeStructs with shardings); None when there is none."""
         for step in reversed(self.steps()):
             try:
@@ -50,7 +53,9 @@ class TrainCheckpoints:
                 print(f"warning: checkpoint step {step} in {self.directory} is unreadable "
                       f"({reason}); falling back to the previous one.")
                 continue
-            return restored["state"], json.dumps(restored["data"]).encode(), step
+            data = restored["data"]
+            data = json.dumps(data["bytes"]).encode() if "bytes" in data else data["dict"]
+            return restored["state"], data, step
         if self.steps():
             raise SafeTriageError(f"No checkpoint in {self.directory} is readable (steps "
                                   f"{self.steps()}); delete the folder to start over.")

@@ -51,14 +51,17 @@ class Logbook:
             self._tb.close()
 
 
-def sample_grid(source_BHW3, driving_BHW3, prediction_BHW3, occlusion_BHW1, max_rows=4):
-    """uint8 grid: one row per example with columns source | driving | prediction | occlusion."""
-    rows = []
-    for i in range(min(max_rows, source_BHW3.shape[0])):
-        size = source_BHW3.shape[1:3]
-        occlusion = np.asarray(Image.fromarray(
-            (np.clip(occlusion_BHW1[i, ..., 0], 0, 1) * 255).astype(np.uint8)).resize(size[::-1]))
-        cells = [source_BHW3[i], driving_BHW3[i], prediction_BHW3[i],
-                 np.repeat(occlusion[..., None], 3, -1) / 255.0]
-        rows.append(np.concatenate([np.clip(c, 0, 1) for c in cells], axis=1))
-    return (np.concatenate(rows, axis=0) * 255).round().astype(np.uint8)
+def sample_grid(*columns_BHWC, max_rows=4):
+    """uint8 grid, one row per example, one column per image batch (values in [0, 1]; one-channel
+    maps are shown grey, every cell resized to the first column's size). The backbone trainer
+    shows source | driving | prediction | occlusion."""
+    height, width = columns_BHWC[0].shape[1:3]
+
+    def cell(image_HWC):
+        image = (np.clip(np.asarray(image_HWC, np.float32), 0, 1) * 255).round().astype(np.uint8)
+        image = np.repeat(image, 3, -1) if image.shape[-1] == 1 else image
+        return np.asarray(Image.fromarray(image).resize((width, height), Image.BILINEAR))
+
+    rows = [np.concatenate([cell(column[i]) for column in columns_BHWC], axis=1)
+            for i in range(min(max_rows, columns_BHWC[0].shape[0]))]
+    return np.concatenate(rows, axis=0)

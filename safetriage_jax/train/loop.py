@@ -164,46 +164,78 @@ def train(config, workdir, *, resume=False, progress=True, trainer=None):
     if trainer is None or trainer.steps_per_epoch != steps_per_epoch:
         trainer = Trainer(config, steps_per_epoch)
     num_steps = total_steps(config, steps_per_epoch)
-    checkpoints = TrainCheckpoints(workdir / "checkpoints", keep=config.log.keep_checkpoints)
-    if checkpoints.steps() and not resume:
-        raise SafeTriageError(f"{workdir} already has checkpoints (steps {checkpoints.steps()}); "
-                              "pass --resume to continue them or choose another --workdir.")
+    checkpoints = open_checkpoints(workdir, config, resume)
     state, vgg_params = trainer.initial_state()
     loader = pipeline.training_pairs(clips, global_batch_size=config.train.batch_size,
                                      seed=config.train.seed, options=options,
                                      worker_count=config.data.worker_count, cache_dir=cache_dir)
     batches = iter(loader)
-    restored = checkpoints.restore_latest(state) if resume else None
-    if restored is not None:
-        state, data_state, _ = restored
-        batches.set_state(data_state)
+    state = restore_latest(checkpoints, state, batches) if resume else state
     batches = DevicePrefetch(batches, trainer.global_batch)
+    state, metrics = run_steps(functools.partial(_step_with, trainer.step, vgg_params),
+                               trainer.predict, state, batches, config=config, workdir=workdir,
+                               checkpoints=checkpoints, num_steps=num_steps, progress=progress)
+    if jax.process_index() == 0:
+        save_model(workdir / "model", trainer.model_config, jax.device_get(trainer.variables(state)),
+                   overwrite=True)
+    return state, metrics
+
+
+def open_checkpoints(workdir, config, resume):
+    """The run's checkpoint manager; refuses to start over existing checkpoints unless resuming."""
+    checkpoints = TrainCheckpoints(workdir / "checkpoints", keep=config.log.keep_checkpoints)
+    if checkpoints.steps() and not resume:
+        raise SafeTriageError(f"{workdir} already has checkpoints (steps {checkpoints.steps()}); "
+                              "pass --resume to continue them or choose another --workdir.")
+    return checkpoints
+
+
+def restore_latest(checkpoints, state, batches):
+    """The newest readable checkpoint's state (``state`` when there is none); moves the loader
+    ``batches`` to where that checkpoint left it."""
+    restored = checkpoints.restore_latest(state)
+    if restored is None:
+        return state
+    state, data_state, _ = restored
+    batches.set_state(data_state)
+    return state
+
+
+def _step_with(step, extra, state, batch):
+    return step(state, batch, extra)
+
+
+def run_steps(step, predict, state, batches, *, config, workdir, checkpoints, num_steps,
+              progress=True, desc="train"):
+    """The loop every trainer shares: ``step(state, batch) -> (state, metrics)`` until
+    ``num_steps``, logging every ``config.log.every_steps``, sample grids from
+    ``predict(state, batch)`` (images for :func:`sample_grid`; none if
+    ``config.log.sample_every_steps`` is 0) and checkpoints (state and
+    loader state) on the config's schedule. Closes ``checkpoints``; returns (state, metrics)."""
     start = int(jax.device_get(state.step))
     book = Logbook(workdir, enabled=jax.process_index() == 0)
     _write_config(workdir, config)
     metrics = {}
-    bar = tqdm(total=num_steps, initial=start, desc="train", unit="step", disable=not progress,
+    bar = tqdm(total=num_steps, initial=start, desc=desc, unit="step", disable=not progress,
                dynamic_ncols=True)
     try:
-        for step in range(start + 1, num_steps + 1):
+        for index in range(start + 1, num_steps + 1):
             batch = next(batches)
-            state, metrics = trainer.step(state, batch, vgg_params)
+            state, metrics = step(state, batch)
             bar.update(1)
-            if step % config.log.every_steps == 0 or step == num_steps:
+            if index % config.log.every_steps == 0 or index == num_steps:
                 values = jax.device_get(metrics)
-                book.scalars(step, values)
+                book.scalars(index, values)
                 bar.set_postfix(loss=f"{float(values['loss']):.4f}")
-            if step % config.log.sample_every_steps == 0 or step == num_steps:
-                book.samples(step, sample_grid(*jax.device_get(trainer.predict(state, batch))))
-            if step % config.log.checkpoint_every_steps == 0 or step == num_steps:
-                checkpoints.save(step, state, batches.get_state())
+            every = config.log.sample_every_steps  # 0: no sample grids
+            if every and (index % every == 0 or index == num_steps):
+                book.samples(index, sample_grid(*jax.device_get(predict(state, batch))))
+            if index % config.log.checkpoint_every_steps == 0 or index == num_steps:
+                checkpoints.save(index, state, batches.get_state())
     finally:
         bar.close()
         checkpoints.close()
         book.close()
-    if jax.process_index() == 0:
-        save_model(workdir / "model", trainer.model_config, jax.device_get(trainer.variables(state)),
-                   overwrite=True)
     return state, jax.device_get(metrics)
 
 
