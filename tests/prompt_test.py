@@ -115,3 +115,19 @@ def test_training_moves_only_the_prompt_and_deid_uses_it(tmp_path, tiny_variable
     assert out.is_file()
     with pytest.raises(SafeTriageError, match="not a prompt-generator directory"):
         load_prompt(backbone_dir)
+
+
+def test_patient_batches_resume_through_a_training_checkpoint(tmp_path):
+    from safetriage_jax.data.simulated_patients import patient_batches
+    from safetriage_jax.train.checkpoints import TrainCheckpoints
+    options = PatientOptions(size=32, clip_frames=6)
+    batches = patient_batches(options, 2, seed=5)
+    next(batches)
+    checkpoints = TrainCheckpoints(tmp_path, async_save=False)
+    checkpoints.save(1, {"w": np.arange(3.0)}, batches.get_state())  # a grain dict state
+    checkpoints.close()
+    expected = next(batches)
+    _, data_state, step = TrainCheckpoints(tmp_path).restore_latest({"w": np.zeros(3)})
+    resumed = patient_batches(options, 2, seed=5)
+    resumed.set_state(data_state)
+    assert step == 1 and all(np.array_equal(expected[k], v) for k, v in next(resumed).items())

@@ -201,11 +201,15 @@ class FaceTrack:
 class FaceTracker:
     """Follows the largest face: searched for in the whole frame until found, then in a window
     around its last box; ``recheck_every`` frames the whole frame is searched again to count
-    other faces. A frame where the followed face is not found gets NaN."""
+    other faces. A frame where the followed face is not found gets NaN; while the face stays
+    lost the whole-frame search is thinned out (faceless footage costs ~0.2 s a frame)."""
 
-    def __init__(self, models=None, recheck_every=25, min_iou=0.2):
+    def __init__(self, models=None, recheck_every=25, min_iou=0.2, lost_after=5, lost_every=5):
         self.models = models or face_models("hog")
         self.recheck_every, self.min_iou = recheck_every, min_iou
+        # After ``lost_after`` frames in a row without the face, the costly whole-frame search
+        # runs only every ``lost_every`` frames (the frames between stay "not found": blanked).
+        self.lost_after, self.lost_every = lost_after, lost_every
 
     def _around(self, frame, box):
         side = 2.2 * np.sqrt(box_area(box[None])[0])
@@ -222,12 +226,13 @@ class FaceTracker:
     def track(self, frames, fps, progress=None):
         """Runs over an iterable of (H, W, 3) uint8 frames; returns a FaceTrack."""
         boxes, marks, notes = [], [], []
-        crowded, last = [], None
+        crowded, last, misses = [], None, 0
         width = height = 0
         for index, frame in enumerate(frames):
             height, width = frame.shape[:2]
             box = self._around(frame, last) if last is not None else None
-            if box is None or index % self.recheck_every == 0:
+            skip = misses >= self.lost_after and misses % self.lost_every
+            if (box is None and not skip) or index % self.recheck_every == 0:
                 found, _ = find_faces(self.models, frame)
                 if len(found) > 1:
                     crowded.append(index)
@@ -238,6 +243,7 @@ class FaceTracker:
                     else:
                         box = found[0]
             last = box if box is not None else last
+            misses = 0 if box is not None else misses + 1
             boxes.append(box if box is not None else np.full(4, np.nan))
             marks.append(self.models.landmarks(frame, box) if box is not None
                          else np.full((68, 2), np.nan))
