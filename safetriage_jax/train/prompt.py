@@ -19,6 +19,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 
 from safetriage_jax.animate import relative_keypoints
 from safetriage_jax.data.simulated_patients import IMAGE_KEYS, PatientOptions, patient_batches
+from safetriage_jax.errors import SafeTriageError
 from safetriage_jax.models import prompt as prompt_lib
 from safetriage_jax.models.tpsmm import TPSMM
 from safetriage_jax.models.vgg import VGG19Features
@@ -114,7 +115,6 @@ class PromptTrainer:
     def __init__(self, config, backbone_config, mesh=None):
         self.config, self.mesh = config, mesh or data_mesh()
         if config.train.batch_size % self.mesh.size:
-            from safetriage_jax.errors import SafeTriageError
             raise SafeTriageError(f"train.batch_size {config.train.batch_size} must be a multiple "
                                   f"of the device count {self.mesh.size}.")
         self.pcfg = prompt_lib.PromptConfig.from_dict(config.prompt.to_dict())
