@@ -19,6 +19,7 @@ from safetriage_jax.models.prompt import PromptConfig
 def base_config() -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
     c.backbone = "models/vox"  # the frozen TPSMM model directory
+    c.model = dict(warp_implementation=None)  # grid-sample backend for the backbone's warps
     c.prompt = dataclasses.asdict(PromptConfig())
     c.data = dict(
         clip_frames=24,               # motion drawn per example; two frames of it are used

@@ -9,7 +9,7 @@ import dataclasses
 
 import ml_collections
 
-from safetriage_jax.models.config import PRESETS, TPSMMConfig
+from safetriage_jax.models.config import PRESETS, TPSMMConfig, apply_override
 
 VARIANTS = dict(
     PRESETS,
@@ -26,8 +26,5 @@ def get_config(arg: str = "vox-256") -> ml_collections.ConfigDict:
     config = ml_collections.ConfigDict()
     config.model = dataclasses.asdict(VARIANTS[variant])
     for override in overrides:
-        key, _, value = override.partition("=")
-        current = config.model[key]
-        config.model[key] = (value.lower() in ("1", "true", "yes")) if isinstance(current, bool) \
-            else type(current)(value)
+        apply_override(config.model, override)
     return config

@@ -48,7 +48,7 @@ class Animator:
     included, gets its generated prompt before the backbone reads its keypoints.
     """
 
-    def __init__(self, config, variables, mode="relative", warp_implementation=None, prompt=None):
+    def __init__(self, config, variables, mode="relative", prompt=None):
         if mode not in MODES:
             raise SafeTriageError(f"Unknown mode {mode!r}; choose one of {', '.join(MODES)}.")
         if mode == "avd" and "avd_network" not in variables["params"]:
@@ -56,7 +56,7 @@ class Animator:
                                   "--mode standard.")
         self.config, self.variables, self.mode = config, variables, mode
         self.prompt_config, self.prompt_params = prompt if prompt is not None else (None, None)
-        self.model = TPSMM(config, warp_implementation=warp_implementation)
+        self.model = TPSMM(config)
         self._prepare = jax.jit(self._prepare_impl)
         self._keypoints = jax.jit(self._keypoints_impl)
         self._reference = jax.jit(self._reference_impl)
@@ -142,8 +142,8 @@ def animate_video(model_dir, source_path, driving_path, out_path, *, mode="relat
     """Writes ``out_path`` (h264 mp4 at the driving video's fps); returns the frame count."""
     if batch_size < 1:
         raise SafeTriageError(f"--batch must be at least 1 (got {batch_size}).")
-    config, variables = load_model(model_dir)
-    animator = Animator(config, variables, mode, warp_implementation)
+    config, variables = load_model(model_dir, warp_implementation=warp_implementation)
+    animator = Animator(config, variables, mode)
     source = read_image(source_path)
     size = config.image_size
     with VideoReader(driving_path) as reader:

@@ -183,7 +183,8 @@ def cmd_evaluate(args):
     from safetriage_jax.train.evaluate import evaluate
     from safetriage_jax.train.loop import open_dataset
     config = load_python_config(args.config)
-    model_config, variables = load_model(args.model)
+    model_config, variables = load_model(
+        args.model, warp_implementation=config.model.get("warp_implementation"))
     clips, _ = open_dataset(config, args.split)
     metrics = evaluate(model_config, variables, clips, num_clips=args.num_clips or
                        config.eval.num_clips, batch_size=config.eval.batch_size)

@@ -1,4 +1,4 @@
-"""The XLA grid-sample reference against PyTorch's F.grid_sample: values and both gradients."""
+"""The grid-sample op and its XLA reference against PyTorch's F.grid_sample: values and both gradients."""
 
 import jax
 import jax.numpy as jnp
@@ -8,8 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from conftest import FIXTURE
-from safetriage_jax.errors import SafeTriageError
-from safetriage_jax.kernels.grid_sample import PADDING_MODES, grid_sample
+from safetriage_jax.kernels.grid_sample import PADDING_MODES, api, grid_sample
 
 MODES = [(mode, ac) for mode in PADDING_MODES for ac in (False, True)]
 
@@ -100,13 +99,43 @@ def test_bfloat16_images_follow_float32(rng):
     assert rel_err(out.astype(jnp.float32), reference) < 1e-2
 
 
+def test_grid_batch_multiple_of_image_batch_reads_image_b(rng):
+    """Grid rows b*T + t read image b: the same as repeating each image T times."""
+    image = rng.standard_normal((2, 3, 9, 11)).astype(np.float32)
+    grid = rng.uniform(-1.2, 1.2, (6, 5, 7, 2)).astype(np.float32)
+    cotangent = rng.standard_normal((6, 3, 5, 7)).astype(np.float32)
+    repeated = np.repeat(image, 3, axis=0)
+    expected = torch_reference(repeated, grid, cotangent, "zeros", True)
+    value, d_image, d_grid = jax_value_and_vjp(image, grid, cotangent, "zeros", True)
+    assert rel_err(value, expected[0]) < 1e-5
+    assert rel_err(d_image, expected[1].reshape(2, 3, 3, 9, 11).sum(1)) < 1e-5
+    assert rel_err(d_grid, expected[2]) < 1e-5
+
+
 def test_bad_arguments_raise_clear_errors():
     image, grid = jnp.zeros((2, 4, 4, 3)), jnp.zeros((2, 3, 3, 2))
-    with pytest.raises(SafeTriageError, match="padding_mode"):
+    with pytest.raises(ValueError, match="padding_mode"):
         grid_sample(image, grid, padding_mode="wrap")
-    with pytest.raises(SafeTriageError, match="batch"):
+    with pytest.raises(ValueError, match="multiple"):
         grid_sample(image, grid[:1])
-    with pytest.raises(SafeTriageError, match=r"\(B, Ho, Wo, 2\)"):
+    with pytest.raises(ValueError, match=r"\(B, Ho, Wo, 2\)"):
         grid_sample(image, grid[..., :1])
-    with pytest.raises(SafeTriageError, match="implementation"):
+    with pytest.raises(ValueError, match="implementation"):
         grid_sample(image, grid, implementation="cuda")
+    with pytest.raises(ValueError, match="floating"):
+        grid_sample(image.astype(jnp.int32), grid)
+
+
+def test_a_backend_that_declines_falls_through_to_the_next(monkeypatch):
+    calls = []
+
+    def declines(*args, **kwargs):
+        calls.append("declined")
+        raise NotImplementedError("this case is not supported")
+
+    monkeypatch.setitem(api.IMPLEMENTATIONS, "declining", declines)
+    image = jnp.arange(2 * 4 * 4 * 3, dtype=jnp.float32).reshape(2, 4, 4, 3)
+    grid = jnp.zeros((2, 3, 3, 2))
+    out = grid_sample(image, grid, implementation="declining")
+    assert calls == ["declined"]
+    np.testing.assert_array_equal(out, grid_sample(image, grid, implementation="xla"))

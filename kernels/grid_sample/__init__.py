@@ -1,5 +1,10 @@
-"""Bilinear grid sampling (PyTorch ``F.grid_sample`` semantics), channels-last."""
+"""Bilinear grid sampling (PyTorch ``F.grid_sample`` semantics), channels-last.
 
-from safetriage_jax.kernels.grid_sample.api import PADDING_MODES, grid_sample
+``grid_sample`` is the one op the model warps with; ``reference`` states its semantics as plain
+JAX, and each Pallas backend (one module per backend, its VJP beside it) reproduces them.
+"""
 
-__all__ = ["PADDING_MODES", "grid_sample"]
+from safetriage_jax.kernels.grid_sample.api import (IMPLEMENTATIONS, PADDING_MODES,
+                                                    grid_sample)
+
+__all__ = ["IMPLEMENTATIONS", "PADDING_MODES", "grid_sample"]

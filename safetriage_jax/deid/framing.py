@@ -35,7 +35,7 @@ class CropPlan:
                 for name, code in (("face", FACE), ("filled", FILLED), ("blank", BLANK))}
 
 
-def _runs(mask_T):
+def runs(mask_T):
     """(start, stop) of each run of True."""
     edges = np.flatnonzero(np.diff(np.concatenate([[0], mask_T.astype(np.int8), [0]])))
     return list(zip(edges[::2], edges[1::2]))
@@ -50,13 +50,13 @@ def plan_crops(boxes_T4, fps, options=FramingOptions()):
     status_T = np.where(found_T, FACE, BLANK)
     max_gap = int(round(options.max_gap_seconds * fps))
     times = np.arange(len(boxes_T4))
-    for start, stop in _runs(~found_T):
+    for start, stop in runs(~found_T):
         if start > 0 and stop < len(found_T) and stop - start <= max_gap:
             status_T[start:stop] = FILLED
     keep = status_T != BLANK
     for column in (center_T2[:, 0], center_T2[:, 1], side_T):
         column[~found_T] = np.nan
-        for start, stop in _runs(keep):  # smooth each stretch on its own: never across a blank
+        for start, stop in runs(keep):  # smooth each stretch on its own: never across a blank
             values = column[start:stop]
             known = ~np.isnan(values)
             values = np.interp(times[start:stop], times[start:stop][known], values[known])

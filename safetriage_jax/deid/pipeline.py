@@ -21,7 +21,7 @@ from safetriage_jax.animate import Animator
 from safetriage_jax.checkpoint import load_model, load_prompt
 from safetriage_jax.deid import landmarks
 from safetriage_jax.deid.faces import FaceTracker, crop_square, face_models, find_faces
-from safetriage_jax.deid.framing import BLANK, FramingOptions, paste, plan_crops
+from safetriage_jax.deid.framing import BLANK, FramingOptions, paste, plan_crops, runs
 from safetriage_jax.errors import SafeTriageError
 from safetriage_jax.video import VideoReader, read_image, video_writer
 
@@ -119,10 +119,8 @@ def _compose(entries, faces_BSS3, plan, paste_back, feather, blank_HW3):
 
 def _ranges(mask_T, fps):
     """Runs of True as [{start, stop, seconds}] (stop exclusive), for the report."""
-    padded = np.concatenate([[0], mask_T.astype(np.int8), [0]])
-    edges = np.flatnonzero(np.diff(padded))
     return [{"start": int(a), "stop": int(b), "seconds": [round(a / fps, 3), round(b / fps, 3)]}
-            for a, b in zip(edges[::2], edges[1::2])]
+            for a, b in runs(mask_T)]
 
 
 def deidentify(input_path, identity_path, out_path, model_dir, *, options=DeidOptions(),
@@ -135,9 +133,9 @@ def deidentify(input_path, identity_path, out_path, model_dir, *, options=DeidOp
     """
     _check(options)
     start_time = time.perf_counter()
-    config, variables = load_model(model_dir)
+    config, variables = load_model(model_dir, warp_implementation=options.warp_implementation)
     prompt = load_prompt(prompt_dir) if prompt_dir is not None else None
-    animator = Animator(config, variables, options.mode, options.warp_implementation, prompt)
+    animator = Animator(config, variables, options.mode, prompt)
     size = config.image_size
     models = face_models(options.detector)
     identity, identity_marks, notes = identity_face(identity_path, size, options.framing, models)

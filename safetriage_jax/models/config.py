@@ -32,8 +32,22 @@ class TPSMMConfig:
     # AVDNetwork ("avd_network_params").
     id_bottle_size: int = 128
     pose_bottle_size: int = 128
+    # How to run, not what the model is (never written to a model directory's config.json):
+    # the grid-sample backend every warp uses (None: the op's default for the platform).
+    warp_implementation: str | None = None
+
+    RUNTIME_FIELDS = ("warp_implementation",)
 
     def __post_init__(self):
+        if self.warp_implementation is not None:
+            from safetriage_jax.kernels.grid_sample import api
+            known = sorted(set(api.IMPLEMENTATIONS) | set(api.UNAVAILABLE))
+            if self.warp_implementation not in api.IMPLEMENTATIONS:
+                why = (f" ({self.warp_implementation} is not available here: "
+                       f"{api.UNAVAILABLE[self.warp_implementation]})"
+                       if self.warp_implementation in api.UNAVAILABLE else "")
+                raise SafeTriageError(f"Unknown warp_implementation {self.warp_implementation!r}; "
+                                      f"choose one of {known}, or leave it unset{why}.")
         levels = math.log2(1 / self.scale_factor) if 0 < self.scale_factor <= 1 else -1
         if levels != int(levels):
             raise SafeTriageError(
@@ -61,7 +75,10 @@ class TPSMMConfig:
         return self.num_tps * 5
 
     def to_json(self) -> str:
-        return json.dumps(dataclasses.asdict(self), indent=2, sort_keys=True)
+        """The architecture as JSON (runtime fields left out: they belong to each run)."""
+        values = {k: v for k, v in dataclasses.asdict(self).items()
+                  if k not in self.RUNTIME_FIELDS}
+        return json.dumps(values, indent=2, sort_keys=True)
 
     @classmethod
     def from_dict(cls, values) -> "TPSMMConfig":
@@ -145,7 +162,9 @@ def apply_override(c, override):
     for name in parents:
         node = node[name]
     current = node[leaf]
-    if isinstance(current, bool):
+    if current is None:  # optional strings (e.g. model.warp_implementation): "none" unsets
+        value = None if text.lower() in ("", "none") else text
+    elif isinstance(current, bool):
         value = text.lower() in ("1", "true", "yes")
     elif isinstance(current, tuple):
         value = tuple(type(current[0])(v) for v in text.split(";")) if text else ()

@@ -48,14 +48,13 @@ class DenseMotionNetwork(nn.Module):
     @nn.compact
     def __call__(self, source_BHWC, kp_driving_BN2, kp_source_BN2, bg_param_B33=None,
                  dropout_p=0.0, dropout_rng=None):
-        """``source_BHWC`` may have batch 1 (shared). Returns a dict with 'deformation' (B,h,w,2), 'contribution_maps' (B,h,w,K+1),
-        'deformed_source' (B,K+1,h,w,C) and 'occlusion_map' (list of (B,H_i,W_i,1), coarse first),
-        with h, w = scale_factor x the source size. TPS dropout is on when dropout_rng is given."""
+        """``source_BHWC`` may have batch 1 (one source shared by every frame). Returns a dict
+        with 'deformation' (B,h,w,2), 'contribution_maps' (B,h,w,K+1), 'deformed_source'
+        (B,K+1,h,w,C) and 'occlusion_map' (list of (B,H_i,W_i,1), coarse first), with h, w =
+        scale_factor x the source size. TPS dropout is on when dropout_rng is given."""
         source_BHWC = AntiAliasDownsample(self.scale_factor, name="down")(source_BHWC)
-        # A source of batch 1 is shared by all frames: down-sample it once, then broadcast.
         batch = kp_driving_BN2.shape[0]
         _, height, width, channels = source_BHWC.shape
-        source_BHWC = jnp.broadcast_to(source_BHWC, (batch, height, width, channels))
         num_transforms = self.num_tps + 1
 
         gauss_driving = geometry.keypoint_heatmaps(kp_driving_BN2, height, width, self.kp_variance)
@@ -66,10 +65,9 @@ class DenseMotionNetwork(nn.Module):
 
         grids_BTHW2 = self.transformation_grids(kp_driving_BN2, kp_source_BN2, bg_param_B33,
                                                 height, width)
-        source_repeat = jnp.repeat(source_BHWC[:, None], num_transforms, axis=1)
+        # Grid rows b*T + t read source b; a batch-1 source is read by every frame's grids.
         deformed_BTHWC = grid_sample(
-            rearrange(source_repeat, "b t h w c -> (b t) h w c"),
-            rearrange(grids_BTHW2, "b t h w two -> (b t) h w two"),
+            source_BHWC, rearrange(grids_BTHW2, "b t h w two -> (b t) h w two"),
             align_corners=True, implementation=self.warp_implementation,
         ).reshape(batch, num_transforms, height, width, channels)
 

@@ -53,10 +53,8 @@ class InpaintingNetwork(nn.Module):
         size = image_BHWC.shape[1:3]
         if size not in flows_by_size:
             flows_by_size[size] = resize_bilinear_align_corners(flow_BHW2, *size)
-        flow = flows_by_size[size]
-        if image_BHWC.shape[0] != flow.shape[0]:  # one source shared by a batch of frames
-            image_BHWC = jnp.broadcast_to(image_BHWC, (flow.shape[0],) + image_BHWC.shape[1:])
-        return grid_sample(image_BHWC, flow, align_corners=True,
+        # A batch-1 image (one source shared by the frames) is read by every frame's flow.
+        return grid_sample(image_BHWC, flows_by_size[size], align_corners=True,
                            implementation=self.warp_implementation)
 
     def _occlusion_at(self, occlusion_map, index, size):

@@ -23,7 +23,6 @@ class TPSMM(nn.Module):
     """Keypoint detector, background predictor, dense motion, inpainting and AVD networks."""
 
     config: TPSMMConfig
-    warp_implementation: str = None
 
     def setup(self):
         cfg = self.config
@@ -34,11 +33,11 @@ class TPSMM(nn.Module):
             num_tps=cfg.num_tps, block_expansion=cfg.dense_block_expansion,
             max_features=cfg.dense_max_features, num_blocks=cfg.dense_num_blocks,
             scale_factor=cfg.scale_factor, multi_mask=cfg.multi_mask,
-            kp_variance=cfg.kp_variance, warp_implementation=self.warp_implementation)
+            kp_variance=cfg.kp_variance, warp_implementation=cfg.warp_implementation)
         self.inpainting_network = InpaintingNetwork(
             num_channels=cfg.num_channels, block_expansion=cfg.generator_block_expansion,
             max_features=cfg.generator_max_features, num_down_blocks=cfg.num_down_blocks,
-            multi_mask=cfg.multi_mask, warp_implementation=self.warp_implementation)
+            multi_mask=cfg.multi_mask, warp_implementation=cfg.warp_implementation)
         self.avd_network = AVDNetwork(cfg.num_tps, cfg.id_bottle_size, cfg.pose_bottle_size)
 
     def __call__(self, source_BHWC, driving_BHWC, train: bool = False, dropout_p=0.0,

@@ -31,13 +31,14 @@ def perceptual(vgg_features, prediction_BHWC, target_BHWC, scales, layer_weights
     return total
 
 
-def equivariance_frame(rng, driving_BHWC, transform):
+def equivariance_frame(rng, driving_BHWC, transform, warp_implementation=None):
     """A random TPS warp of the driving frames and the warp itself (reflection padding)."""
     batch, height, width, _ = driving_BHWC.shape
     tps = geometry.random_tps(rng, batch, transform["sigma_affine"], transform["sigma_tps"],
                               transform["points_tps"])  # float32 coordinates, any image dtype
     grid_BHW2 = geometry.random_tps_grid(tps, height, width)
-    warped = grid_sample(driving_BHWC, grid_BHW2, padding_mode="reflection", align_corners=True)
+    warped = grid_sample(driving_BHWC, grid_BHW2, padding_mode="reflection", align_corners=True,
+                         implementation=warp_implementation)
     return warped, tps
 
 

@@ -169,7 +169,8 @@ def train_prompt(config, workdir, *, resume=False, progress=True):
     ``workdir/prompt``. Returns (final state, last metrics)."""
     from safetriage_jax.checkpoint import load_model, save_prompt
     workdir = pathlib.Path(workdir).expanduser().absolute()
-    backbone_config, backbone = load_model(pathlib.Path(config.backbone).expanduser())
+    backbone_config, backbone = load_model(pathlib.Path(config.backbone).expanduser(),
+                                           warp_implementation=config.model.warp_implementation)
     trainer = PromptTrainer(config, backbone_config)
     checkpoints = open_checkpoints(workdir, config, resume)
     state, vgg_params = trainer.initial_state()

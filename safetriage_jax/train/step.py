@@ -95,7 +95,8 @@ def generator_losses(params, state, batch, rng, *, model, vgg_features, cfg, epo
         terms["perceptual"] = losses.perceptual(
             vgg_features, generated["prediction"], driving, tcfg.scales, weights.perceptual)
     if weights.equivariance:
-        warped, tps = losses.equivariance_frame(tps_key, driving, tcfg.transform)
+        warped, tps = losses.equivariance_frame(tps_key, driving, tcfg.transform,
+                                                model.config.warp_implementation)
         kp_warped = run(TPSMM.keypoints, warped, True)
         terms["equivariance"] = weights.equivariance * losses.equivariance(kp_driving, kp_warped, tps)
     if weights.warp:

@@ -1,10 +1,21 @@
 """Plain-XLA bilinear grid sampling: the reference that defines the op's semantics.
 
-Matches PyTorch ``F.grid_sample(mode="bilinear")`` values and gradients (input and grid)
-for every padding mode and both ``align_corners`` settings, but channels-last:
-``image_BHWC`` and ``grid_BHW2`` with (x, y) in [-1, 1]. Each output pixel gathers its four
-neighbours from the flattened image (a 4-tap gather, not ``map_coordinates``, which is
-several times slower on GPU). Gradients come from JAX autodiff of this code.
+Semantics (PyTorch ``F.grid_sample(mode="bilinear")``, channels-last):
+
+- ``image_BHWC`` (float32 or bfloat16) is read at ``grid_NHW2``, (x, y) in [-1, 1]; the grid
+  batch N is a multiple T of the image batch B and grid row ``b * T + t`` reads image ``b``.
+- ``align_corners=True``: -1 and 1 are the centres of the corner pixels; False: their outer
+  edges. ``padding_mode``: "zeros" (taps outside the image read 0), "border" (coordinates
+  clamped to the image) or "reflection" (coordinates reflected at the borders, then clamped).
+- Each output is the four neighbouring taps weighted by the areas of the opposite
+  sub-rectangles; weights and accumulation are float32, the result has the image's dtype.
+- Gradients are those of this code under autodiff, which equal PyTorch's: d_image is the
+  scatter-add of the cotangent with the same weights; d_grid is zero where a coordinate is
+  clamped at (or beyond) a border, and reflections flip its sign.
+
+Every backend of the op reproduces these values and both gradients. This one gathers the four
+taps from the flattened image (a 4-tap gather, not ``map_coordinates``, which is several times
+slower on GPU).
 """
 
 import jax
@@ -37,7 +48,11 @@ def _reflect(coord, twice_low, twice_high):
 
 
 def source_coordinates(coord, size, padding_mode, align_corners):
-    """Pixel coordinate to read for each normalised grid coordinate, after padding rules."""
+    """Pixel coordinate to read for each normalised grid coordinate, after padding rules.
+
+    Pure elementwise jnp: backends may call it inside their kernels, or differentiate it
+    (``jax.vjp``) to chain a gradient in pixel coordinates back to the grid.
+    """
     coord = _unnormalize(coord, size, align_corners)
     if padding_mode == "border":
         coord = _clip(coord, size)
@@ -55,16 +70,19 @@ def _gather_rows(flat_image_BPC, index_BQ):
     return jax.vmap(lambda image_PC, index_Q: image_PC[index_Q])(flat_image_BPC, index_BQ)
 
 
-def grid_sample_xla(image_BHWC, grid_BHW2, *, padding_mode="zeros", align_corners=True):
-    """Bilinear sampling of ``image_BHWC`` at ``grid_BHW2``; returns (B, Ho, Wo, C).
+def grid_sample(image_BHWC, grid_NHW2, *, padding_mode="zeros", align_corners=True,
+                interpret=None):
+    """Bilinear sampling of ``image_BHWC`` at ``grid_NHW2`` (N = T x B); returns (N, Ho, Wo, C).
 
-    Weights and accumulation are float32; the result has the image's dtype.
+    ``interpret`` is accepted for a uniform backend signature and ignored (plain XLA).
     """
+    del interpret
     batch, height, width, channels = image_BHWC.shape
-    _, out_h, out_w, _ = grid_BHW2.shape
-    grid_BHW2 = grid_BHW2.astype(jnp.float32)
-    ix = source_coordinates(grid_BHW2[..., 0], width, padding_mode, align_corners)
-    iy = source_coordinates(grid_BHW2[..., 1], height, padding_mode, align_corners)
+    num_grids, out_h, out_w, _ = grid_NHW2.shape
+    # Grid rows b*T .. b*T + T-1 all read image b: sample them as one (T*Ho, Wo) grid.
+    grid_BQ2 = grid_NHW2.astype(jnp.float32).reshape(batch, -1, 2)
+    ix = source_coordinates(grid_BQ2[..., 0], width, padding_mode, align_corners)
+    iy = source_coordinates(grid_BQ2[..., 1], height, padding_mode, align_corners)
 
     x0 = jnp.floor(ix)
     y0 = jnp.floor(iy)
@@ -79,13 +97,13 @@ def grid_sample_xla(image_BHWC, grid_BHW2, *, padding_mode="zeros", align_corner
     )
 
     flat_image_BPC = image_BHWC.reshape(batch, height * width, channels)
-    out_BQC = jnp.zeros((batch, out_h * out_w, channels), jnp.float32)
-    for tap_x, tap_y, weight in taps:
+    out_BQC = jnp.zeros(grid_BQ2.shape[:2] + (channels,), jnp.float32)
+    for tap_x, tap_y, weight_BQ in taps:
         inside = (tap_x >= 0) & (tap_x <= width - 1) & (tap_y >= 0) & (tap_y <= height - 1)
         col = jnp.clip(tap_x, 0, width - 1).astype(jnp.int32)
         row = jnp.clip(tap_y, 0, height - 1).astype(jnp.int32)
-        index_BQ = (row * width + col).reshape(batch, -1)
-        weight_BQ = jnp.where(inside, weight, 0.0).reshape(batch, -1)
+        index_BQ = row * width + col
+        weight_BQ = jnp.where(inside, weight_BQ, 0.0)
         values_BQC = _gather_rows(flat_image_BPC, index_BQ).astype(jnp.float32)
         out_BQC = out_BQC + values_BQC * weight_BQ[..., None]
-    return out_BQC.reshape(batch, out_h, out_w, channels).astype(image_BHWC.dtype)
+    return out_BQC.reshape(num_grids, out_h, out_w, channels).astype(image_BHWC.dtype)
