@@ -18,3 +18,22 @@ def default_order(platform, image_shape, grid_shape, dtype):
     """Names to try, best first, for one call on ``platform`` ("cpu", "gpu", "tpu")."""
     del image_shape, grid_shape, dtype  # no shape-dependent rule measured yet
     return DEFAULT_ORDER.get(platform, ("xla",))
+
+
+# --- Pallas Mosaic TPU (pallas_mosaic_tpu.py) --------------------------------------------------
+import dataclasses  # noqa: E402  (kept in this block: each backend's block is self-contained)
+
+
+@dataclasses.dataclass(frozen=True)
+class MosaicTpuConfig:
+    """Tiles of the TPU kernels: output pixels per grid step, source pixels per VMEM window.
+
+    Each step builds a (block_pixels, window_pixels) one-hot interpolation matrix in VMEM, so
+    its float32 size (block_pixels * window_pixels * 4 bytes, 1 MiB at the defaults) bounds
+    the working set. Unmeasured on a TPU: chosen to fit VMEM, not tuned.
+    """
+    block_pixels: int = 256   # output pixels per grid step; a multiple of 128 (lanes)
+    window_pixels: int = 1024  # source pixels per window; rounded to whole image rows
+
+
+MOSAIC_TPU = MosaicTpuConfig()
