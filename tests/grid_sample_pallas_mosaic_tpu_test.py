@@ -1,0 +1,141 @@
+"""The Pallas Mosaic TPU warp kernels: TPU interpret mode against the reference, lowering for
+TPU v5e and v6e from this CPU machine, and the whole model against its xla warps."""
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+import pytest
+from jax.sharding import AbstractDevice, AbstractMesh, AxisType
+
+from conftest import TINY
+from safetriage_jax.kernels.grid_sample import config, pallas_mosaic_tpu, specs
+from safetriage_jax.kernels.grid_sample.pallas_mosaic_tpu_common import make_geometry, make_plan
+from safetriage_jax.kernels.grid_sample.reference import source_coordinates
+from safetriage_jax.kernels.grid_sample.specs import Case
+from safetriage_jax.kernels.grid_sample.test_base import GridSampleTestBase, relative_error
+from safetriage_jax.models.tpsmm import TPSMM
+
+# Tiles far smaller than the defaults, so the tiny cases below span several output blocks
+# and several windows per block: the window loop, the per-block window ranges and the
+# d_image row bands are all exercised.
+SMALL_TILES = config.MosaicTpuConfig(block_pixels=128, window_pixels=32)
+
+
+def _modes():
+    return [(mode, ac) for mode in ("zeros", "border", "reflection") for ac in (True, False)]
+
+
+CASES = tuple(
+    # Random flows (every window per block), all padding modes and alignments, T x B = 2 x 2.
+    [Case(2, 2, 9, 13, 3, 7, 11, padding_mode=m, align_corners=ac) for m, ac in _modes()]
+    + [
+        # Smooth (TPS-like) flows read one or two windows per block.
+        Case(1, 2, 16, 16, 128, 16, 8, flow="smooth"),
+        Case(1, 2, 16, 16, 128, 16, 8, padding_mode="reflection", align_corners=False,
+             flow="smooth"),
+        # Exact pixel centres, borders and beyond.
+        Case(1, 3, 6, 7, 3, 6, 7, padding_mode="border", align_corners=False, flow="borders"),
+        # bfloat16 images: float32 weights and accumulation.
+        Case(2, 2, 9, 13, 3, 7, 11, dtype="bfloat16", padding_mode="reflection"),
+        Case(1, 2, 16, 16, 128, 16, 8, dtype="bfloat16", padding_mode="border", flow="smooth"),
+    ])
+
+
+class TestMosaicTpuInterpret(GridSampleTestBase):
+    IMPLEMENTATION = "pallas_mosaic_tpu"
+    CASES = CASES
+
+    def backend(self, case):
+        return functools.partial(pallas_mosaic_tpu.grid_sample, padding_mode=case.padding_mode,
+                                 align_corners=case.align_corners, interpret=self.INTERPRET,
+                                 config=SMALL_TILES)
+
+
+def test_random_flows_make_blocks_loop_over_several_windows(rng):
+    """The cases above really take the multi-window path (else the loop is untested)."""
+    case = CASES[0]
+    _, grid, _ = specs.make_inputs(case, rng)
+    batch, num_pixels = case.batch, case.repeats * case.out_h * case.out_w
+    geometry = make_geometry(case.height, case.width, case.channels, num_pixels, SMALL_TILES)
+    grid_BQ2 = jnp.asarray(grid).reshape(batch, num_pixels, 2)
+    ix = source_coordinates(grid_BQ2[..., 0], case.width, "zeros", True)
+    iy = source_coordinates(grid_BQ2[..., 1], case.height, "zeros", True)
+    plan = make_plan(ix, iy, geometry)
+    assert geometry.num_blocks > 1 and geometry.num_windows > 1
+    assert int(plan.num_windows_BJ.max()) == geometry.num_windows
+
+
+def test_unsupported_dtypes_fall_through(rng):
+    image, grid = jnp.zeros((1, 4, 4, 3), jnp.float16), jnp.zeros((1, 4, 4, 2))
+    with pytest.raises(NotImplementedError, match="float32 or bfloat16"):
+        pallas_mosaic_tpu.grid_sample(image, grid)
+
+
+# --- Lowering for TPU from this CPU machine ---------------------------------------------------
+
+def _lowered_text(device_kind, function, *args):
+    """StableHLO of ``jax.jit(function)`` lowered for a TPU of ``device_kind``.
+
+    Lowering consults chip facts, so it needs an (abstract) TPU device: a one-device abstract
+    mesh supplies one without any TPU attached. This proves Pallas -> Mosaic; libtpu's own
+    passes (layouts, VMEM allocation) run only when compiling on a TPU.
+    """
+    device = AbstractDevice(device_kind=device_kind, num_cores=1, platform="tpu")
+    mesh = AbstractMesh((1,), ("x",), (AxisType.Explicit,), abstract_device=device)
+    with jax.sharding.use_abstract_mesh(mesh):
+        return jax.jit(function).trace(*args).lower(lowering_platforms=("tpu",)).as_text()
+
+
+@pytest.mark.parametrize("device_kind", ["TPU v5 lite", "TPU v6 lite"])  # v5e, v6e
+@pytest.mark.parametrize("channels,dtype", [(3, jnp.float32), (128, jnp.bfloat16)])
+def test_forward_and_gradient_lower_to_mosaic_for_tpu(device_kind, channels, dtype):
+    sample = functools.partial(pallas_mosaic_tpu.grid_sample, padding_mode="reflection",
+                               align_corners=False, interpret=False)
+
+    def loss(image, grid):
+        return jnp.sum(sample(image, grid).astype(jnp.float32) ** 2)
+
+    image = jax.ShapeDtypeStruct((2, 32, 32, channels), dtype)
+    grid = jax.ShapeDtypeStruct((4, 32, 32, 2), jnp.float32)  # T x B = 2 x 2
+    forward = _lowered_text(device_kind, sample, image, grid)
+    backward = _lowered_text(device_kind, jax.grad(loss, argnums=(0, 1)), image, grid)
+    assert forward.count("tpu_custom_call") == 1
+    assert backward.count("tpu_custom_call") == 3  # forward, d_image, d (coordinates)
+
+
+# --- The whole model --------------------------------------------------------------------------
+
+def test_tpsmm_with_tpu_warps_equals_xla_warps(rng, tiny_variables):
+    """The tiny TPSMM's outputs are the same with either warp backend (default tiles).
+
+    Every warp of the forward is covered: dense motion (T = K + 1 grids over one source, then
+    its hourglass and masks), the generator's feature-map warps and the deformed source.
+    Gradients are compared op by op in the interpret tests above.
+    """
+    size = TINY.image_size
+    source = jnp.asarray(rng.uniform(size=(1, size, size, 3)), jnp.float32)
+    driving = jnp.asarray(rng.uniform(size=(1, size, size, 3)), jnp.float32)
+
+    def outputs(implementation):
+        """(Pallas kernels, gathers) in the forward's jaxpr, and its outputs."""
+        model = TPSMM(dataclasses.replace(TINY, warp_implementation=implementation))
+        traced = jax.jit(model.apply).trace(tiny_variables, source, driving)
+        jaxpr = str(traced.jaxpr)
+        counts = jaxpr.count("pallas_call"), jaxpr.count("= gather")
+        return counts, traced.lower().compile()(tiny_variables, source, driving)
+
+    (xla_counts, want), (tpu_counts, got) = outputs("xla"), outputs("pallas_mosaic_tpu")
+    # Every warp ran the TPU kernel, none fell through to xla: each reference warp is four
+    # gathers, and exactly those are gone, one kernel for each.
+    assert xla_counts[0] == 0 and tpu_counts[0] > 0
+    assert xla_counts[1] - tpu_counts[1] == 4 * tpu_counts[0]
+    for key in ("deformed_source", "deformation", "occlusion_map"):
+        for actual, expected in zip(jax.tree.leaves(got["dense_motion"][key]),
+                                    jax.tree.leaves(want["dense_motion"][key]), strict=True):
+            assert relative_error(actual, expected) < 1e-5, key
+    for key in ("warped_encoder_maps", "deformed", "prediction"):
+        for actual, expected in zip(jax.tree.leaves(got[key]), jax.tree.leaves(want[key]),
+                                    strict=True):
+            assert relative_error(actual, expected) < 1e-5, key
