@@ -17,30 +17,25 @@ from safetriage_jax.kernels.grid_sample.specs import Case
 from safetriage_jax.kernels.grid_sample.test_base import GridSampleTestBase, relative_error
 from safetriage_jax.models.tpsmm import TPSMM
 
-# Tiles far smaller than the defaults, so the tiny cases below span several output blocks
-# and several windows per block: the window loop, the per-block window ranges and the
-# d_image row bands are all exercised.
-SMALL_TILES = config.MosaicTpuConfig(block_pixels=128, window_pixels=32)
+# Tiles far smaller than the defaults, so the tiny cases below span several output tiles and
+# several windows per tile in both directions: the window loop, the per-tile window ranges and
+# the d_image windows are all exercised.
+SMALL_TILES = config.MosaicTpuConfig(block_rows=8, block_cols=16, window_rows=4, window_cols=16)
 
-
-def _modes():
-    return [(mode, ac) for mode in ("zeros", "border", "reflection") for ac in (True, False)]
-
-
-CASES = tuple(
-    # Random flows (every window per block), all padding modes and alignments, T x B = 2 x 2.
-    [Case(2, 2, 9, 13, 3, 7, 11, padding_mode=m, align_corners=ac) for m, ac in _modes()]
-    + [
-        # Smooth (TPS-like) flows read one or two windows per block.
-        Case(1, 2, 16, 16, 128, 16, 8, flow="smooth"),
-        Case(1, 2, 16, 16, 128, 16, 8, padding_mode="reflection", align_corners=False,
-             flow="smooth"),
-        # Exact pixel centres, borders and beyond.
-        Case(1, 3, 6, 7, 3, 6, 7, padding_mode="border", align_corners=False, flow="borders"),
-        # bfloat16 images: float32 weights and accumulation.
-        Case(2, 2, 9, 13, 3, 7, 11, dtype="bfloat16", padding_mode="reflection"),
-        Case(1, 2, 16, 16, 128, 16, 8, dtype="bfloat16", padding_mode="border", flow="smooth"),
-    ])
+# Every padding mode and alignment once, across both dtypes, C = 3 and 128, random, smooth
+# (TPS-like) and on-border flows; all with T x B grid batches. Interpret mode compiles each
+# case for seconds, so the properties share cases instead of multiplying them.
+CASES = (
+    Case(2, 2, 9, 37, 3, 7, 11, padding_mode="zeros", align_corners=True),
+    Case(1, 2, 12, 20, 128, 12, 16, dtype="bfloat16", padding_mode="zeros",
+         align_corners=False, flow="smooth"),
+    Case(2, 2, 9, 37, 3, 7, 11, dtype="bfloat16", padding_mode="border", align_corners=True),
+    Case(1, 3, 6, 7, 3, 6, 7, padding_mode="border", align_corners=False, flow="borders"),
+    Case(1, 2, 12, 20, 128, 12, 16, padding_mode="reflection", align_corners=True,
+         flow="smooth"),
+    Case(2, 2, 9, 37, 3, 7, 11, padding_mode="reflection", align_corners=False),
+    Case(1, 2, 9, 20, 128, 6, 8, dtype="bfloat16", padding_mode="zeros"),
+)
 
 
 class TestMosaicTpuInterpret(GridSampleTestBase):
@@ -57,14 +52,14 @@ def test_random_flows_make_blocks_loop_over_several_windows(rng):
     """The cases above really take the multi-window path (else the loop is untested)."""
     case = CASES[0]
     _, grid, _ = specs.make_inputs(case, rng)
-    batch, num_pixels = case.batch, case.repeats * case.out_h * case.out_w
-    geometry = make_geometry(case.height, case.width, case.channels, num_pixels, SMALL_TILES)
-    grid_BQ2 = jnp.asarray(grid).reshape(batch, num_pixels, 2)
+    geometry = make_geometry(case.height, case.width, case.channels,
+                             case.repeats * case.out_h, case.out_w, SMALL_TILES)
+    grid_BQ2 = jnp.asarray(grid).reshape(case.batch, -1, 2)
     ix = source_coordinates(grid_BQ2[..., 0], case.width, "zeros", True)
     iy = source_coordinates(grid_BQ2[..., 1], case.height, "zeros", True)
-    plan = make_plan(ix, iy, geometry)
-    assert geometry.num_blocks > 1 and geometry.num_windows > 1
-    assert int(plan.num_windows_BJ.max()) == geometry.num_windows
+    first_row, rows, first_col, cols = make_plan(ix, iy, geometry).windows_4BJ
+    assert geometry.block_grid == (2, 1) and geometry.window_grid == (3, 3)
+    assert int((rows * cols).max()) == geometry.num_windows  # a tile reads every window
 
 
 def test_unsupported_dtypes_fall_through(rng):

@@ -26,14 +26,16 @@ import dataclasses  # noqa: E402  (kept in this block: each backend's block is s
 
 @dataclasses.dataclass(frozen=True)
 class MosaicTpuConfig:
-    """Tiles of the TPU kernels: output pixels per grid step, source pixels per VMEM window.
+    """Tiles of the TPU kernels: 2-D output tiles per grid step, 2-D source windows in VMEM.
 
-    Each step builds a (block_pixels, window_pixels) one-hot interpolation matrix in VMEM, so
-    its float32 size (block_pixels * window_pixels * 4 bytes, 1 MiB at the defaults) bounds
-    the working set. Unmeasured on a TPU: chosen to fit VMEM, not tuned.
+    Each step builds a (tile pixels, window pixels) one-hot interpolation matrix in VMEM, so
+    its float32 size (256 x 1024 x 4 bytes = 1 MiB at the defaults) bounds the working set.
+    Unmeasured on a TPU: chosen to fit VMEM and the MXU's 128-wide tiles, not tuned.
     """
-    block_pixels: int = 256   # output pixels per grid step; a multiple of 128 (lanes)
-    window_pixels: int = 1024  # source pixels per window; rounded to whole image rows
+    block_rows: int = 16    # output tile; rows * cols a multiple of 128
+    block_cols: int = 16
+    window_rows: int = 32   # source window; cols a multiple of 16
+    window_cols: int = 32
 
 
 MOSAIC_TPU = MosaicTpuConfig()

@@ -1,11 +1,12 @@
 """Pallas Mosaic TPU backend of the grid-sample op: forward kernel and its custom VJP.
 
-Each grid step owns P output pixels of one image (the T grids of image b are one run of
-T * Ho * Wo pixels, so T x B batches need no copies of the image). It loops over the windows
-the pre-pass found for its block (``pallas_mosaic_tpu_common``): DMA the window HBM -> VMEM,
-build the one-hot interpolation matrix M, accumulate ``M @ window`` in float32 on the MXU.
-Gradients (``pallas_mosaic_tpu_vjp``) are taken in pixel coordinates; XLA autodiff chains them
-through the padding rules (``reference.source_coordinates``), so they match the reference.
+Each grid step owns one 2-D output tile of one image (the T output planes of image b are one
+stacked T * Ho x Wo plane, so T x B batches need no copies of the image). It loops over the
+windows the pre-pass found for its tile (``pallas_mosaic_tpu_common``): DMA the window
+HBM -> VMEM, build the one-hot interpolation matrix M, accumulate ``M @ window`` in float32 on
+the MXU. Gradients (``pallas_mosaic_tpu_vjp``) are taken in pixel coordinates; XLA autodiff
+chains them through the padding rules (``reference.source_coordinates``), so they match the
+reference.
 
 bfloat16 images are DMA'd as bfloat16 and widened in VMEM: weights and accumulation stay
 float32, as the reference's. Proven in TPU interpret mode and by lowering for TPU v5e/v6e
@@ -22,46 +23,45 @@ from jax.experimental.pallas import tpu as pltpu
 from safetriage_jax.kernels.grid_sample import config as tile_config
 from safetriage_jax.kernels.grid_sample import pallas_mosaic_tpu_vjp as vjp
 from safetriage_jax.kernels.grid_sample.pallas_mosaic_tpu_common import (
-    NUM_TAPS, flat_padded_image, interpolation_matrix, interpret_params, load_window,
-    make_geometry, make_plan)
+    NUM_TAPS, flat_padded_image, from_blocks, interpolation_matrix, interpret_params,
+    load_window, make_geometry, make_plan, num_windows_of, to_blocks, window_of)
 from safetriage_jax.kernels.grid_sample.reference import source_coordinates
 
 PLATFORM = "tpu"
 DTYPES = (jnp.float32, jnp.bfloat16)
 VMEM_BUDGET_BYTES = 16 * 2**20  # v5e's default scoped VMEM; the kernels' working sets stay under
 MAX_INDEX = 2**31 - 1           # flat pixel indices are int32
-LANES_PADDED_TAPS = 128         # a (P, 4) block occupies whole 128-lane vregs in VMEM
+LANES = 128                     # a (P, 4) or (P, 3) block occupies whole 128-lane vregs
 
 
-def _forward_kernel(first_ref, count_ref, index_ref, weight_ref, image_hbm, out_ref,
-                    window_vmem, semaphore):
+def _forward_kernel(windows_ref, row_ref, col_ref, weight_ref, image_hbm, out_ref,
+                    window_vmem, semaphore, *, geometry):
     b, j = pl.program_id(0), pl.program_id(1)
-    window_pixels = window_vmem.shape[0]
 
     def add_window(i, acc_PC):
-        window = first_ref[b, j] + i
-        load_window(image_hbm, b, window, window_vmem, semaphore)
-        matrix = interpolation_matrix(index_ref[0], weight_ref[0], window * window_pixels,
-                                      window_pixels)
+        window_row, window_col = window_of(windows_ref, b, j, i)
+        load_window(image_hbm, b, window_row, window_col, window_vmem, semaphore, geometry)
+        matrix = interpolation_matrix(row_ref[0], col_ref[0], weight_ref[0], window_row,
+                                      window_col, geometry)
         return acc_PC + jnp.dot(matrix, window_vmem[...].astype(jnp.float32),
                                 preferred_element_type=jnp.float32)
 
     acc_PC = jnp.zeros(out_ref.shape[1:], jnp.float32)
-    acc_PC = jax.lax.fori_loop(0, count_ref[b, j], add_window, acc_PC)
+    acc_PC = jax.lax.fori_loop(0, num_windows_of(windows_ref, b, j), add_window, acc_PC)
     out_ref[0] = acc_PC.astype(out_ref.dtype)
 
 
 def forward(image_BPC, plan, geometry, interpret):
-    """(B, Q_padded, C) samples of the flat padded image at the plan's taps."""
+    """(B, padded pixels, C) samples at the plan's taps, tile-major (``from_blocks`` undoes it)."""
     g = geometry
     batch = image_BPC.shape[0]
     tap_spec = pl.BlockSpec((1, g.block_pixels, NUM_TAPS), lambda b, j, *_: (b, j, 0))
     return pl.pallas_call(
-        _forward_kernel,
+        functools.partial(_forward_kernel, geometry=g),
         grid_spec=pltpu.PrefetchScalarGridSpec(
-            num_scalar_prefetch=2,
+            num_scalar_prefetch=1,
             grid=(batch, g.num_blocks),
-            in_specs=[tap_spec, tap_spec, pl.BlockSpec(memory_space=pl.ANY)],
+            in_specs=[tap_spec, tap_spec, tap_spec, pl.BlockSpec(memory_space=pl.ANY)],
             out_specs=pl.BlockSpec((1, g.block_pixels, g.channels), lambda b, j, *_: (b, j, 0)),
             scratch_shapes=[pltpu.VMEM((g.window_pixels, g.channels), image_BPC.dtype),
                             pltpu.SemaphoreType.DMA(())],
@@ -69,15 +69,15 @@ def forward(image_BPC, plan, geometry, interpret):
         out_shape=jax.ShapeDtypeStruct((batch, g.padded_pixels, g.channels), image_BPC.dtype),
         compiler_params=pltpu.CompilerParams(dimension_semantics=("parallel", "parallel")),
         interpret=interpret_params(interpret),
-    )(plan.first_window_BJ, plan.num_windows_BJ, plan.index_BQ4, plan.weight_BQ4, image_BPC)
+    )(plan.windows_4BJ, plan.row_BQ4, plan.col_BQ4, plan.weight_BQ4, image_BPC)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
 def sample_pixels(image_BHWC, ix_BQ, iy_BQ, geometry, interpret):
     """(B, Q, C) bilinear samples at pixel coordinates (already through the padding rules)."""
     plan = make_plan(ix_BQ, iy_BQ, geometry)
-    out = forward(flat_padded_image(image_BHWC, geometry), plan, geometry, interpret)
-    return out[:, :geometry.num_pixels]
+    out_BQC = forward(flat_padded_image(image_BHWC, geometry), plan, geometry, interpret)
+    return from_blocks(out_BQC, geometry).reshape(ix_BQ.shape + (geometry.channels,))
 
 
 def _sample_pixels_fwd(image_BHWC, ix_BQ, iy_BQ, geometry, interpret):
@@ -87,15 +87,15 @@ def _sample_pixels_fwd(image_BHWC, ix_BQ, iy_BQ, geometry, interpret):
 def _sample_pixels_bwd(geometry, interpret, residuals, cotangent_BQC):
     image_BHWC, ix_BQ, iy_BQ = residuals
     g = geometry
-    plan = make_plan(ix_BQ, iy_BQ, g)
-    cotangent_BQC = jnp.pad(cotangent_BQC, ((0, 0), (0, g.padded_pixels - g.num_pixels), (0, 0)))
-    image_BPC = flat_padded_image(image_BHWC, g)
-    d_image_BPC = vjp.d_image(cotangent_BQC, plan, g, interpret)
-    d_ix_BQ, d_iy_BQ = vjp.d_coordinates(image_BPC, cotangent_BQC, plan, g, interpret)
     batch, height, width, channels = image_BHWC.shape
-    d_image_BHWC = d_image_BPC[:, :height * width].reshape(image_BHWC.shape)
-    return (d_image_BHWC.astype(image_BHWC.dtype), d_ix_BQ[:, :g.num_pixels],
-            d_iy_BQ[:, :g.num_pixels])
+    plan = make_plan(ix_BQ, iy_BQ, g)
+    cotangent_BQC = to_blocks(cotangent_BQC.reshape(batch, g.out_rows, g.out_cols, channels), g)
+    d_image_BHWC = vjp.d_image(cotangent_BQC, plan, g, interpret)[:, :height, :width]
+    d_x_BQ, d_y_BQ = vjp.d_coordinates(flat_padded_image(image_BHWC, g), cotangent_BQC, plan, g,
+                                       interpret)
+    return (d_image_BHWC.astype(image_BHWC.dtype),
+            from_blocks(d_x_BQ, g).reshape(ix_BQ.shape),
+            from_blocks(d_y_BQ, g).reshape(iy_BQ.shape))
 
 
 sample_pixels.defvjp(_sample_pixels_fwd, _sample_pixels_bwd)
@@ -110,15 +110,17 @@ def check_supported(image_BHWC, geometry):
     if max(g.padded_source_pixels, g.padded_pixels) * max(g.channels, NUM_TAPS) > MAX_INDEX:
         raise NotImplementedError("pallas_mosaic_tpu: the image or grid has more than 2^31 "
                                   "elements per batch row; its indices are int32.")
-    matrix = g.block_pixels * g.window_pixels * 4
-    window = g.window_pixels * g.channels * 4
-    blocks = 2 * 2 * g.block_pixels * max(g.channels, LANES_PADDED_TAPS) * 4
-    if 2 * matrix + 2 * window + blocks > VMEM_BUDGET_BYTES:
+    # The largest step's VMEM (d_coordinates: two matrices, taps, window, accumulators; the
+    # d_image step's output window block is counted with the window), float32 upper bounds.
+    matrices = 2 * g.block_pixels * g.window_pixels * 4
+    taps = 2 * 3 * g.block_pixels * LANES * 4
+    windows = 3 * g.window_pixels * max(g.channels, LANES) * 4
+    pixel_blocks = 4 * g.block_pixels * max(g.channels, LANES) * 4
+    if matrices + taps + windows + pixel_blocks > VMEM_BUDGET_BYTES:
         raise NotImplementedError(
-            f"pallas_mosaic_tpu: a window of {g.window_rows} rows x {g.width} x {g.channels} "
-            f"and {g.block_pixels}-pixel blocks need more than {VMEM_BUDGET_BYTES >> 20} MiB "
-            f"of VMEM; use a smaller MosaicTpuConfig.")
-
+            f"pallas_mosaic_tpu: {g.window_rows} x {g.window_cols}-pixel windows of "
+            f"{g.channels} channels and {g.block_rows} x {g.block_cols}-pixel tiles need more "
+            f"than {VMEM_BUDGET_BYTES >> 20} MiB of VMEM; use a smaller MosaicTpuConfig.")
 
 
 def grid_sample(image_BHWC, grid_NHW2, *, padding_mode="zeros", align_corners=True,
@@ -133,7 +135,7 @@ def grid_sample(image_BHWC, grid_NHW2, *, padding_mode="zeros", align_corners=Tr
     batch, height, width, channels = image_BHWC.shape
     num_grids, out_h, out_w, _ = grid_NHW2.shape
     num_pixels = num_grids // batch * out_h * out_w
-    geometry = make_geometry(height, width, channels, num_pixels, config)
+    geometry = make_geometry(height, width, channels, num_grids // batch * out_h, out_w, config)
     check_supported(image_BHWC, geometry)
     # Grid rows b*T .. b*T + T-1 all read image b: one run of T * Ho * Wo pixels per image.
     grid_BQ2 = grid_NHW2.astype(jnp.float32).reshape(batch, num_pixels, 2)
