@@ -57,9 +57,10 @@ def test_random_flows_make_blocks_loop_over_several_windows(rng):
     grid_BQ2 = jnp.asarray(grid).reshape(case.batch, -1, 2)
     ix = source_coordinates(grid_BQ2[..., 0], case.width, "zeros", True)
     iy = source_coordinates(grid_BQ2[..., 1], case.height, "zeros", True)
-    first_row, rows, first_col, cols = make_plan(ix, iy, geometry).windows_4BJ
+    plan = jax.jit(make_plan, static_argnums=2)(ix, iy, geometry)
     assert geometry.block_grid == (2, 1) and geometry.window_grid == (3, 3)
-    assert int((rows * cols).max()) == geometry.num_windows  # a tile reads every window
+    for _, rows, _, cols in (plan.reads_4BJ, plan.owned_4BJ):  # forward's and d_image's
+        assert int((rows * cols).max()) == geometry.num_windows  # a tile needs every window
 
 
 def test_unsupported_dtypes_fall_through(rng):

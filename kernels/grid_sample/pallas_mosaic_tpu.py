@@ -23,8 +23,8 @@ from jax.experimental.pallas import tpu as pltpu
 from safetriage_jax.kernels.grid_sample import config as tile_config
 from safetriage_jax.kernels.grid_sample import pallas_mosaic_tpu_vjp as vjp
 from safetriage_jax.kernels.grid_sample.pallas_mosaic_tpu_common import (
-    NUM_TAPS, flat_padded_image, from_blocks, interpolation_matrix, interpret_params,
-    load_window, make_geometry, make_plan, num_windows_of, to_blocks, window_of)
+    NUM_TAPS, flat_read_image, from_blocks, interpolation_matrix, interpret_params,
+    load_window, make_geometry, make_plan, num_windows_of, to_blocks, window_origin)
 from safetriage_jax.kernels.grid_sample.reference import source_coordinates
 
 PLATFORM = "tpu"
@@ -34,20 +34,19 @@ MAX_INDEX = 2**31 - 1           # flat pixel indices are int32
 LANES = 128                     # a (P, 4) or (P, 3) block occupies whole 128-lane vregs
 
 
-def _forward_kernel(windows_ref, row_ref, col_ref, weight_ref, image_hbm, out_ref,
+def _forward_kernel(reads_ref, row_ref, col_ref, weight_ref, image_hbm, out_ref,
                     window_vmem, semaphore, *, geometry):
     b, j = pl.program_id(0), pl.program_id(1)
 
     def add_window(i, acc_PC):
-        window_row, window_col = window_of(windows_ref, b, j, i)
-        load_window(image_hbm, b, window_row, window_col, window_vmem, semaphore, geometry)
-        matrix = interpolation_matrix(row_ref[0], col_ref[0], weight_ref[0], window_row,
-                                      window_col, geometry)
+        top, left = window_origin(reads_ref, b, j, i, geometry)
+        load_window(image_hbm, b, top, left, window_vmem, semaphore, geometry)
+        matrix = interpolation_matrix(row_ref[0], col_ref[0], weight_ref[0], top, left, geometry)
         return acc_PC + jnp.dot(matrix, window_vmem[...].astype(jnp.float32),
                                 preferred_element_type=jnp.float32)
 
     acc_PC = jnp.zeros(out_ref.shape[1:], jnp.float32)
-    acc_PC = jax.lax.fori_loop(0, num_windows_of(windows_ref, b, j), add_window, acc_PC)
+    acc_PC = jax.lax.fori_loop(0, num_windows_of(reads_ref, b, j), add_window, acc_PC)
     out_ref[0] = acc_PC.astype(out_ref.dtype)
 
 
@@ -69,14 +68,14 @@ def forward(image_BPC, plan, geometry, interpret):
         out_shape=jax.ShapeDtypeStruct((batch, g.padded_pixels, g.channels), image_BPC.dtype),
         compiler_params=pltpu.CompilerParams(dimension_semantics=("parallel", "parallel")),
         interpret=interpret_params(interpret),
-    )(plan.windows_4BJ, plan.row_BQ4, plan.col_BQ4, plan.weight_BQ4, image_BPC)
+    )(plan.reads_4BJ, plan.row_BQ4, plan.col_BQ4, plan.weight_BQ4, image_BPC)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
 def sample_pixels(image_BHWC, ix_BQ, iy_BQ, geometry, interpret):
     """(B, Q, C) bilinear samples at pixel coordinates (already through the padding rules)."""
     plan = make_plan(ix_BQ, iy_BQ, geometry)
-    out_BQC = forward(flat_padded_image(image_BHWC, geometry), plan, geometry, interpret)
+    out_BQC = forward(flat_read_image(image_BHWC, geometry), plan, geometry, interpret)
     return from_blocks(out_BQC, geometry).reshape(ix_BQ.shape + (geometry.channels,))
 
 
@@ -91,7 +90,7 @@ def _sample_pixels_bwd(geometry, interpret, residuals, cotangent_BQC):
     plan = make_plan(ix_BQ, iy_BQ, g)
     cotangent_BQC = to_blocks(cotangent_BQC.reshape(batch, g.out_rows, g.out_cols, channels), g)
     d_image_BHWC = vjp.d_image(cotangent_BQC, plan, g, interpret)[:, :height, :width]
-    d_x_BQ, d_y_BQ = vjp.d_coordinates(flat_padded_image(image_BHWC, g), cotangent_BQC, plan, g,
+    d_x_BQ, d_y_BQ = vjp.d_coordinates(flat_read_image(image_BHWC, g), cotangent_BQC, plan, g,
                                        interpret)
     return (d_image_BHWC.astype(image_BHWC.dtype),
             from_blocks(d_x_BQ, g).reshape(ix_BQ.shape),
@@ -107,7 +106,8 @@ def check_supported(image_BHWC, geometry):
         raise NotImplementedError(f"pallas_mosaic_tpu takes float32 or bfloat16 images, "
                                   f"not {image_BHWC.dtype}.")
     g = geometry
-    if max(g.padded_source_pixels, g.padded_pixels) * max(g.channels, NUM_TAPS) > MAX_INDEX:
+    largest = max(g.read_source_pixels, g.padded_source_pixels, g.padded_pixels)
+    if largest * max(g.channels, NUM_TAPS) > MAX_INDEX:
         raise NotImplementedError("pallas_mosaic_tpu: the image or grid has more than 2^31 "
                                   "elements per batch row; its indices are int32.")
     # The largest step's VMEM (d_coordinates: two matrices, taps, window, accumulators; the

@@ -2,16 +2,17 @@
 
 Mosaic TPU cannot gather rows of a VMEM ref by a vector of indices, so the kernels never
 gather. Outputs are cut into 2-D tiles (``block_rows x block_cols`` pixels of one image's
-T * Ho x Wo output plane, P pixels in all), and the source into 2-D *windows*
+T * Ho x Wo output plane, P pixels in all), and the source read through 2-D *windows*
 (``window_rows x window_cols`` pixels), DMA'd HBM -> VMEM one image row segment at a time
 into a flat (window pixels, C) buffer. Within one window, bilinear sampling is a matmul with a
 one-hot interpolation matrix M (P x window pixels, at most 4 non-zeros per row: the tap
-weights). The pre-pass (plain XLA) finds, for every output tile, the range of window rows and
-window columns its taps touch; the kernels loop over exactly those, so any flow is handled (a
-smooth flow needs one to four windows per tile, a random one needs all).
+weights).
 
-2-D tiles and windows keep a smooth flow's footprint compact: flat runs of output pixels
-against bands of whole source rows needed ten windows per block on 256 x 256 maps.
+The pre-pass (plain XLA) finds the rows and columns each tile's taps span. The forward (and
+d_grid) windows start at that span's top-left corner and step by whole windows until they
+cover it: one window when a tile's footprint fits one (smooth flows), all of the image for a
+random flow, so any flow is handled. d_image owns an aligned grid of windows instead (each
+d_image block is one window), and the pre-pass also gives the range of those a tile touches.
 """
 
 import dataclasses
@@ -79,6 +80,15 @@ class Geometry:
     def padded_source_pixels(self):
         return self.window_grid[0] * self.window_rows * self.padded_width
 
+    @property
+    def read_width(self):
+        """Width of the image the forward reads: a window may start at any pixel of it."""
+        return self.width + self.window_cols
+
+    @property
+    def read_source_pixels(self):
+        return (self.height + self.window_rows) * self.read_width
+
 
 def make_geometry(height, width, channels, out_rows, out_cols, config):
     """The call's tiles from a ``MosaicTpuConfig``, windows shrunk to the image where smaller."""
@@ -125,7 +135,10 @@ class Plan:
     weight_BQ4: jax.Array       # bilinear tap weights, float32, 0 outside the image
     dweight_dx_BQ4: jax.Array   # d weight / d x (pixel units), 0 outside
     dweight_dy_BQ4: jax.Array   # d weight / d y
-    windows_4BJ: jax.Array      # int32 per tile: first window row, count, first column, count
+    reads_4BJ: jax.Array        # int32 per tile: top row of its windows, how many down, left
+                                # column, how many across (windows start at its taps' corner)
+    owned_4BJ: jax.Array        # the same in d_image's aligned window grid: first window row,
+                                # count, first window column, count
 
 
 def make_plan(ix_BQ, iy_BQ, geometry):
@@ -162,49 +175,53 @@ def make_plan(ix_BQ, iy_BQ, geometry):
     row_BQ4, col_BQ4, inside_BQ4 = jnp.stack(rows, -1), jnp.stack(cols, -1), jnp.stack(inside, -1)
 
     per_tile = (batch, g.num_blocks, g.block_pixels * NUM_TAPS)
-    ranges = []
-    for taps_BQ4, size, count in ((row_BQ4, g.window_rows, g.window_grid[0]),
-                                  (col_BQ4, g.window_cols, g.window_grid[1])):
-        window_BQ4 = taps_BQ4 // size
-        lowest = jnp.where(inside_BQ4, window_BQ4, count).reshape(per_tile).min(-1)
-        highest = jnp.where(inside_BQ4, window_BQ4, -1).reshape(per_tile).max(-1)
+    reads, owned = [], []
+    for taps_BQ4, size, limit in ((row_BQ4, g.window_rows, g.height),
+                                  (col_BQ4, g.window_cols, g.width)):
+        lowest = jnp.where(inside_BQ4, taps_BQ4, limit).reshape(per_tile).min(-1)
+        highest = jnp.where(inside_BQ4, taps_BQ4, -1).reshape(per_tile).max(-1)
         any_tap = highest >= 0  # a tile with no tap inside the image reads no window
-        ranges += [jnp.where(any_tap, lowest, 0), jnp.where(any_tap, highest - lowest + 1, 0)]
+        lowest = jnp.where(any_tap, lowest, 0)
+        reads += [lowest, jnp.where(any_tap, (highest - lowest) // size + 1, 0)]
+        owned += [lowest // size, jnp.where(any_tap, highest // size - lowest // size + 1, 0)]
     return Plan(row_BQ4=row_BQ4, col_BQ4=col_BQ4, weight_BQ4=jnp.stack(weight, -1),
                 dweight_dx_BQ4=jnp.stack(d_dx, -1), dweight_dy_BQ4=jnp.stack(d_dy, -1),
-                windows_4BJ=jnp.stack(ranges).astype(jnp.int32))
+                reads_4BJ=jnp.stack(reads).astype(jnp.int32),
+                owned_4BJ=jnp.stack(owned).astype(jnp.int32))
 
 
-def flat_padded_image(image_BHWC, geometry):
-    """(B, padded rows * padded width, C): zero rows and columns fill the last windows."""
+def flat_read_image(image_BHWC, geometry):
+    """(B, (H + window rows) * (W + window cols), C): zeros below and right of the image, so
+    a window starting at any pixel stays inside."""
     g = geometry
     batch, height, width, channels = image_BHWC.shape
-    rows = g.window_grid[0] * g.window_rows
-    padded = jnp.pad(image_BHWC, ((0, 0), (0, rows - height), (0, g.padded_width - width), (0, 0)))
-    return padded.reshape(batch, g.padded_source_pixels, channels)
+    padded = jnp.pad(image_BHWC, ((0, 0), (0, g.window_rows), (0, g.window_cols), (0, 0)))
+    return padded.reshape(batch, g.read_source_pixels, channels)
 
 
-def window_of(windows_ref, b, j, i):
-    """(window row, window column) of the ``i``-th window tile ``j`` of image ``b`` reads."""
-    num_cols = jnp.maximum(windows_ref[3, b, j], 1)
-    return windows_ref[0, b, j] + i // num_cols, windows_ref[2, b, j] + i % num_cols
+def window_origin(reads_ref, b, j, i, geometry):
+    """(top row, left column) of the ``i``-th window tile ``j`` of image ``b`` reads."""
+    num_cols = jnp.maximum(reads_ref[3, b, j], 1)
+    return (reads_ref[0, b, j] + i // num_cols * geometry.window_rows,
+            reads_ref[2, b, j] + i % num_cols * geometry.window_cols)
 
 
-def num_windows_of(windows_ref, b, j):
-    return windows_ref[1, b, j] * windows_ref[3, b, j]
+def num_windows_of(reads_ref, b, j):
+    return reads_ref[1, b, j] * reads_ref[3, b, j]
 
 
-def load_window(image_hbm, b, window_row, window_col, window_vmem, semaphore, geometry):
-    """DMAs one window of image ``b`` HBM -> VMEM (one copy per image row segment); waits.
+def load_window(image_hbm, b, top, left, window_vmem, semaphore, geometry):
+    """DMAs the window at (``top``, ``left``) of image ``b`` (``flat_read_image``) HBM -> VMEM,
+    one copy per image row segment; waits.
 
     All row copies are started before the first wait, so they overlap one another.
     """
     g = geometry
 
     def row_copy(r):
-        start = (window_row * g.window_rows + r) * g.padded_width + window_col * g.window_cols
+        start = (top + r) * g.read_width + left
         return pltpu.make_async_copy(
-            image_hbm.at[b, pl.ds(pl.multiple_of(start, WINDOW_COL_STEP), g.window_cols)],
+            image_hbm.at[b, pl.ds(start, g.window_cols)],
             window_vmem.at[pl.ds(pl.multiple_of(r * g.window_cols, WINDOW_COL_STEP),
                                  g.window_cols)],
             semaphore)
@@ -221,35 +238,33 @@ def load_window(image_hbm, b, window_row, window_col, window_vmem, semaphore, ge
     jax.lax.fori_loop(0, g.window_rows, wait, 0)
 
 
-def _local_index(row, col, window_row, window_col, geometry):
-    """Index of taps (row, col) inside the window, -1 where they fall outside it."""
+def _local_index(row, col, top, left, geometry):
+    """Index of taps (row, col) inside the window at (top, left), -1 where outside it."""
     g = geometry
-    r = row - window_row * g.window_rows
-    c = col - window_col * g.window_cols
+    r = row - top
+    c = col - left
     inside = (r >= 0) & (r < g.window_rows) & (c >= 0) & (c < g.window_cols)
     return jnp.where(inside, r * g.window_cols + c, -1)
 
 
-def interpolation_matrix(row_P4, col_P4, weight_P4, window_row, window_col, geometry):
+def interpolation_matrix(row_P4, col_P4, weight_P4, top, left, geometry):
     """(P, window pixels) float32: row p holds the weights of pixel p's taps in the window."""
     shape = (row_P4.shape[0], geometry.window_pixels)
     column = jax.lax.broadcasted_iota(jnp.int32, shape, 1)
     matrix = jnp.zeros(shape, jnp.float32)
     for t in range(NUM_TAPS):
-        local = _local_index(row_P4[:, t:t + 1], col_P4[:, t:t + 1], window_row, window_col,
-                             geometry)
+        local = _local_index(row_P4[:, t:t + 1], col_P4[:, t:t + 1], top, left, geometry)
         matrix += jnp.where(column == local, weight_P4[:, t:t + 1], 0.0)
     return matrix
 
 
-def interpolation_matrix_t(row_4P, col_4P, weight_4P, window_row, window_col, geometry):
+def interpolation_matrix_t(row_4P, col_4P, weight_4P, top, left, geometry):
     """(window pixels, P) float32: ``interpolation_matrix`` transposed, from (4, P) taps."""
     shape = (geometry.window_pixels, row_4P.shape[1])
     row = jax.lax.broadcasted_iota(jnp.int32, shape, 0)
     matrix = jnp.zeros(shape, jnp.float32)
     for t in range(NUM_TAPS):
-        local = _local_index(row_4P[t:t + 1, :], col_4P[t:t + 1, :], window_row, window_col,
-                             geometry)
+        local = _local_index(row_4P[t:t + 1, :], col_4P[t:t + 1, :], top, left, geometry)
         matrix += jnp.where(row == local, weight_4P[t:t + 1, :], 0.0)
     return matrix
 

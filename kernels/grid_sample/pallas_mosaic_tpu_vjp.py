@@ -19,10 +19,10 @@ from jax.experimental.pallas import tpu as pltpu
 
 from safetriage_jax.kernels.grid_sample.pallas_mosaic_tpu_common import (
     NUM_TAPS, interpolation_matrix, interpolation_matrix_t, interpret_params, load_window,
-    num_windows_of, window_of)
+    num_windows_of, window_origin)
 
 
-def _d_image_kernel(windows_ref, row_ref, col_ref, weight_ref, cotangent_ref, out_ref, *,
+def _d_image_kernel(owned_ref, row_ref, col_ref, weight_ref, cotangent_ref, out_ref, *,
                     geometry):
     b, window, j = pl.program_id(0), pl.program_id(1), pl.program_id(2)
     window_row, window_col = window // geometry.window_grid[1], window % geometry.window_grid[1]
@@ -31,14 +31,15 @@ def _d_image_kernel(windows_ref, row_ref, col_ref, weight_ref, cotangent_ref, ou
     def _():
         out_ref[...] = jnp.zeros_like(out_ref)
 
-    first_row, first_col = windows_ref[0, b, j], windows_ref[2, b, j]
-    touched = ((window_row >= first_row) & (window_row < first_row + windows_ref[1, b, j])
-               & (window_col >= first_col) & (window_col < first_col + windows_ref[3, b, j]))
+    first_row, first_col = owned_ref[0, b, j], owned_ref[2, b, j]
+    touched = ((window_row >= first_row) & (window_row < first_row + owned_ref[1, b, j])
+               & (window_col >= first_col) & (window_col < first_col + owned_ref[3, b, j]))
 
     @pl.when(touched)
     def _():
-        matrix_t = interpolation_matrix_t(row_ref[0], col_ref[0], weight_ref[0], window_row,
-                                          window_col, geometry)
+        matrix_t = interpolation_matrix_t(row_ref[0], col_ref[0], weight_ref[0],
+                                          window_row * geometry.window_rows,
+                                          window_col * geometry.window_cols, geometry)
         out_ref[0, 0] += jnp.dot(matrix_t, cotangent_ref[0].astype(jnp.float32),
                                  preferred_element_type=jnp.float32)
 
@@ -63,7 +64,7 @@ def d_image(cotangent_BQC, plan, geometry, interpret):
         compiler_params=pltpu.CompilerParams(
             dimension_semantics=("parallel", "parallel", "arbitrary")),
         interpret=interpret_params(interpret),
-    )(plan.windows_4BJ, plan.row_BQ4.transpose(0, 2, 1), plan.col_BQ4.transpose(0, 2, 1),
+    )(plan.owned_4BJ, plan.row_BQ4.transpose(0, 2, 1), plan.col_BQ4.transpose(0, 2, 1),
       plan.weight_BQ4.transpose(0, 2, 1), cotangent_BQC)
     rows, cols = g.window_grid
     by_window = by_window.reshape(batch, rows, cols, g.window_rows, g.window_cols, g.channels)
@@ -71,22 +72,22 @@ def d_image(cotangent_BQC, plan, geometry, interpret):
                                                  cols * g.window_cols, g.channels)
 
 
-def _d_coordinates_kernel(windows_ref, row_ref, col_ref, d_dx_ref, d_dy_ref, cotangent_ref,
+def _d_coordinates_kernel(reads_ref, row_ref, col_ref, d_dx_ref, d_dy_ref, cotangent_ref,
                           image_hbm, d_x_ref, d_y_ref, window_vmem, semaphore, *, geometry):
     b, j = pl.program_id(0), pl.program_id(1)
 
     def add_window(i, accs):
         acc_x_PC, acc_y_PC = accs
-        window_row, window_col = window_of(windows_ref, b, j, i)
-        load_window(image_hbm, b, window_row, window_col, window_vmem, semaphore, geometry)
+        top, left = window_origin(reads_ref, b, j, i, geometry)
+        load_window(image_hbm, b, top, left, window_vmem, semaphore, geometry)
         source_WC = window_vmem[...].astype(jnp.float32)
-        d_x, d_y = (interpolation_matrix(row_ref[0], col_ref[0], d_ref[0], window_row,
-                                         window_col, geometry) for d_ref in (d_dx_ref, d_dy_ref))
+        d_x, d_y = (interpolation_matrix(row_ref[0], col_ref[0], d_ref[0], top, left, geometry)
+                    for d_ref in (d_dx_ref, d_dy_ref))
         return (acc_x_PC + jnp.dot(d_x, source_WC, preferred_element_type=jnp.float32),
                 acc_y_PC + jnp.dot(d_y, source_WC, preferred_element_type=jnp.float32))
 
     zeros_PC = jnp.zeros(cotangent_ref.shape[1:], jnp.float32)
-    acc_x_PC, acc_y_PC = jax.lax.fori_loop(0, num_windows_of(windows_ref, b, j), add_window,
+    acc_x_PC, acc_y_PC = jax.lax.fori_loop(0, num_windows_of(reads_ref, b, j), add_window,
                                            (zeros_PC, zeros_PC))
     cotangent_PC = cotangent_ref[0].astype(jnp.float32)
     d_x_ref[0] = jnp.sum(acc_x_PC * cotangent_PC, axis=1, keepdims=True)
@@ -115,6 +116,6 @@ def d_coordinates(image_BPC, cotangent_BQC, plan, geometry, interpret):
         out_shape=[column, column],
         compiler_params=pltpu.CompilerParams(dimension_semantics=("parallel", "parallel")),
         interpret=interpret_params(interpret),
-    )(plan.windows_4BJ, plan.row_BQ4, plan.col_BQ4, plan.dweight_dx_BQ4, plan.dweight_dy_BQ4,
+    )(plan.reads_4BJ, plan.row_BQ4, plan.col_BQ4, plan.dweight_dx_BQ4, plan.dweight_dy_BQ4,
       cotangent_BQC, image_BPC)
     return d_x[..., 0], d_y[..., 0]
