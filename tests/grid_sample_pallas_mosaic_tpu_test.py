@@ -48,18 +48,22 @@ class TestMosaicTpuInterpret(GridSampleTestBase):
                                  config=SMALL_TILES)
 
 
-def test_random_flows_make_blocks_loop_over_several_windows(rng):
-    """The cases above really take the multi-window path (else the loop is untested)."""
+def test_random_flows_make_tiles_loop_over_several_windows(rng):
+    """The cases above really take the multi-window paths (else the loops are untested)."""
     case = CASES[0]
     _, grid, _ = specs.make_inputs(case, rng)
     geometry = make_geometry(case.height, case.width, case.channels,
                              case.repeats * case.out_h, case.out_w, SMALL_TILES)
-    grid_BQ2 = jnp.asarray(grid).reshape(case.batch, -1, 2)
-    ix = source_coordinates(grid_BQ2[..., 0], case.width, "zeros", True)
-    iy = source_coordinates(grid_BQ2[..., 1], case.height, "zeros", True)
-    plan = jax.jit(make_plan, static_argnums=2)(ix, iy, geometry)
+
+    @jax.jit
+    def window_ranges(grid_BQ2):
+        ix = source_coordinates(grid_BQ2[..., 0], case.width, "zeros", True)
+        iy = source_coordinates(grid_BQ2[..., 1], case.height, "zeros", True)
+        plan = make_plan(ix, iy, geometry)
+        return plan.reads_4BJ, plan.owned_4BJ  # the forward's windows, d_image's
+
     assert geometry.block_grid == (2, 1) and geometry.window_grid == (3, 3)
-    for _, rows, _, cols in (plan.reads_4BJ, plan.owned_4BJ):  # forward's and d_image's
+    for _, rows, _, cols in window_ranges(jnp.asarray(grid).reshape(case.batch, -1, 2)):
         assert int((rows * cols).max()) == geometry.num_windows  # a tile needs every window
 
 
