@@ -4,7 +4,8 @@
   window of the d_image of one image as a float32 VMEM-resident output block (privatised: no
   atomics, no scatter) and visits every output tile of that image in turn (the last grid axis
   is sequential), adding ``M^T @ g`` only where the pre-pass says the tile's taps touch the
-  window. d_image is thereby tiled by windows, so large feature maps fit in VMEM.
+  window (tiles that miss it map their input blocks to tile 0, so the pipeline does not fetch
+  them). d_image is thereby tiled by windows, so large feature maps fit in VMEM.
 - ``d_coordinates``: the derivative matrices Dx, Dy (M with each tap weight replaced by its
   derivative along x, y) times the windows give d out / d x and d out / d y per pixel; the
   lane sum of their products with the cotangent is the gradient in pixel coordinates.
@@ -22,24 +23,28 @@ from safetriage_jax.kernels.grid_sample.pallas_mosaic_tpu_common import (
     num_windows_of, window_origin)
 
 
+def _touches(owned_ref, b, window, j, geometry):
+    """Whether tile ``j`` of image ``b`` has taps in aligned window ``window``."""
+    window_row, window_col = window // geometry.window_grid[1], window % geometry.window_grid[1]
+    first_row, first_col = owned_ref[0, b, j], owned_ref[2, b, j]
+    return ((window_row >= first_row) & (window_row < first_row + owned_ref[1, b, j])
+            & (window_col >= first_col) & (window_col < first_col + owned_ref[3, b, j]))
+
+
 def _d_image_kernel(owned_ref, row_ref, col_ref, weight_ref, cotangent_ref, out_ref, *,
                     geometry):
     b, window, j = pl.program_id(0), pl.program_id(1), pl.program_id(2)
-    window_row, window_col = window // geometry.window_grid[1], window % geometry.window_grid[1]
 
     @pl.when(j == 0)
     def _():
         out_ref[...] = jnp.zeros_like(out_ref)
 
-    first_row, first_col = owned_ref[0, b, j], owned_ref[2, b, j]
-    touched = ((window_row >= first_row) & (window_row < first_row + owned_ref[1, b, j])
-               & (window_col >= first_col) & (window_col < first_col + owned_ref[3, b, j]))
-
-    @pl.when(touched)
+    @pl.when(_touches(owned_ref, b, window, j, geometry))
     def _():
-        matrix_t = interpolation_matrix_t(row_ref[0], col_ref[0], weight_ref[0],
-                                          window_row * geometry.window_rows,
-                                          window_col * geometry.window_cols, geometry)
+        top = window // geometry.window_grid[1] * geometry.window_rows
+        left = window % geometry.window_grid[1] * geometry.window_cols
+        matrix_t = interpolation_matrix_t(row_ref[0], col_ref[0], weight_ref[0], top, left,
+                                          geometry)
         out_ref[0, 0] += jnp.dot(matrix_t, cotangent_ref[0].astype(jnp.float32),
                                  preferred_element_type=jnp.float32)
 
@@ -48,14 +53,23 @@ def d_image(cotangent_BQC, plan, geometry, interpret):
     """(B, padded H, padded W, C) float32: the forward's transpose applied to the cotangent."""
     g = geometry
     batch = cotangent_BQC.shape[0]
-    tap_t_spec = pl.BlockSpec((1, NUM_TAPS, g.block_pixels), lambda b, w, j, *_: (b, 0, j))
+
+    def tile_if_touching(b, window, j, owned_ref):
+        # Tiles that miss the window map to tile 0: the pipeline fetches a block only when its
+        # index changes, so a window reads about the tiles it needs, not all of the cotangent.
+        return jnp.where(_touches(owned_ref, b, window, j, g), j, 0)
+
+    tap_t_spec = pl.BlockSpec((1, NUM_TAPS, g.block_pixels),
+                              lambda b, w, j, owned: (b, 0, tile_if_touching(b, w, j, owned)))
     by_window = pl.pallas_call(
         functools.partial(_d_image_kernel, geometry=g),
         grid_spec=pltpu.PrefetchScalarGridSpec(
             num_scalar_prefetch=1,
             grid=(batch, g.num_windows, g.num_blocks),
             in_specs=[tap_t_spec, tap_t_spec, tap_t_spec,
-                      pl.BlockSpec((1, g.block_pixels, g.channels), lambda b, w, j, *_: (b, j, 0))],
+                      pl.BlockSpec((1, g.block_pixels, g.channels),
+                                   lambda b, w, j, owned: (b, tile_if_touching(b, w, j, owned),
+                                                           0))],
             out_specs=pl.BlockSpec((1, 1, g.window_pixels, g.channels),
                                    lambda b, w, j, *_: (b, w, 0, 0)),
         ),
