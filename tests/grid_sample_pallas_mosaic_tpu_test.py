@@ -6,11 +6,12 @@ import functools
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import pytest
 from jax.sharding import AbstractDevice, AbstractMesh, AxisType
 
 from conftest import TINY
-from safetriage_jax.kernels.grid_sample import config, pallas_mosaic_tpu, specs
+from safetriage_jax.kernels.grid_sample import config, grid_sample, pallas_mosaic_tpu, specs
 from safetriage_jax.kernels.grid_sample.pallas_mosaic_tpu_common import make_geometry, make_plan
 from safetriage_jax.kernels.grid_sample.reference import source_coordinates
 from safetriage_jax.kernels.grid_sample.specs import Case
@@ -67,10 +68,14 @@ def test_random_flows_make_tiles_loop_over_several_windows(rng):
         assert int((rows * cols).max()) == geometry.num_windows  # a tile needs every window
 
 
-def test_unsupported_dtypes_fall_through(rng):
-    image, grid = jnp.zeros((1, 4, 4, 3), jnp.float16), jnp.zeros((1, 4, 4, 2))
+def test_unsupported_dtypes_decline_and_the_op_falls_through_to_xla():
+    image = jnp.arange(48, dtype=jnp.float16).reshape(1, 4, 4, 3)
+    grid = jnp.zeros((1, 4, 4, 2))
     with pytest.raises(NotImplementedError, match="float32 or bfloat16"):
         pallas_mosaic_tpu.grid_sample(image, grid)
+    out = grid_sample(image, grid, implementation="pallas_mosaic_tpu")
+    assert out.dtype == jnp.float16
+    np.testing.assert_array_equal(out, grid_sample(image, grid, implementation="xla"))
 
 
 # --- Lowering for TPU from this CPU machine ---------------------------------------------------
