@@ -154,3 +154,15 @@ def test_whole_model_on_pallas_triton_equals_xla(rng, tiny_variables):
         assert relative_error(got_map, want_map) < 1e-5
     flat = lambda tree: np.concatenate([np.ravel(leaf) for leaf in jax.tree.leaves(tree)])
     assert relative_error(flat(got_grads), flat(want_grads)) < 1e-4
+
+
+def test_bench_runs_this_platforms_implementations_and_torch():
+    from safetriage_jax.kernels.grid_sample import bench, specs
+    assert bench.implementations_here("cpu") == ["xla"]
+    assert "pallas_triton" in bench.implementations_here("gpu")
+    case = specs.Case(1, 2, 8, 8, 3, 8, 8, flow="smooth", name="tiny")
+    rows = bench.run([case], repeats=1, copy_bytes=2**20)
+    assert {(row["pass"], row["implementation"]) for row in rows} == {
+        (p, name) for p in bench.PASSES for name in ("xla", "torch")}
+    assert all(row["ms"] > 0 and row["gbps"] > 0 for row in rows)
+    assert "tiny:" in bench.format_table(rows)
