@@ -37,12 +37,12 @@ def _forward_kernel(image_ref, grid_ref, out_ref, *, dims, block_p, block_c):
           out_PC.astype(out_ref.dtype), pixel_ok_P[:, None] & channel_ok_C[None, :])
 
 
-def forward(flat_image, flat_grid, dims, image_dtype, interpret):
-    """(N * Ho * Wo * C,) samples of the flat image at the flat float32 grid."""
+def forward(flat_image, flat_grid, dims, interpret):
+    """(N * Ho * Wo * C,) samples of the flat image at the flat float32 grid, in its dtype."""
     block_p, block_c = TRITON.blocks(dims.channels)
     return pl.pallas_call(
         functools.partial(_forward_kernel, dims=dims, block_p=block_p, block_c=block_c),
-        out_shape=jax.ShapeDtypeStruct((dims.num_pixels * dims.channels,), image_dtype),
+        out_shape=jax.ShapeDtypeStruct((dims.num_pixels * dims.channels,), flat_image.dtype),
         grid=(pl.cdiv(dims.num_pixels, block_p), pl.cdiv(dims.channels, block_c)),
         compiler_params=compiler_params(), interpret=interpret,
         name="grid_sample_forward")(flat_image, flat_grid)
@@ -50,7 +50,7 @@ def forward(flat_image, flat_grid, dims, image_dtype, interpret):
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
 def _sample(flat_image, flat_grid, dims, interpret):
-    return forward(flat_image, flat_grid, dims, flat_image.dtype, interpret)
+    return forward(flat_image, flat_grid, dims, interpret)
 
 
 def _sample_fwd(flat_image, flat_grid, dims, interpret):
