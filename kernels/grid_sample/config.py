@@ -6,6 +6,8 @@ the shapes; it stays on "xla" until a benchmark on the hardware shows a kernel w
 shape (the README's warp-op table is the evidence a change here must cite).
 """
 
+import dataclasses
+
 # Implementations tried in order when none is named; each list ends with the reference.
 DEFAULT_ORDER = {
     "cpu": ("xla",),
@@ -20,10 +22,31 @@ def default_order(platform, image_shape, grid_shape, dtype):
     return DEFAULT_ORDER.get(platform, ("xla",))
 
 
-# --- Pallas Mosaic TPU (pallas_mosaic_tpu.py) --------------------------------------------------
-import dataclasses  # noqa: E402  (kept in this block: each backend's block is self-contained)
+# --- pallas_triton (GPU) tiles ---------------------------------------------------------------
+@dataclasses.dataclass(frozen=True)
+class TritonConfig:
+    """Tiles of the Triton kernels: each program takes a block of output pixels x channels.
+
+    Triton blocks are powers of two (tails are masked): the channel block is the smallest power
+    of two covering C, capped at ``max_block_channels``; the pixel block fills the rest of
+    ``block_elements``. Not tuned on a GPU yet (no device measured): plain Triton defaults.
+    """
+    block_elements: int = 4096      # pixels x channels per program
+    max_block_channels: int = 64
+    min_block_pixels: int = 16
+    num_warps: int = 4
+    num_stages: int = 1             # no loop to pipeline but the d_grid channel loop
+
+    def blocks(self, channels):
+        """(pixel block, channel block) for images of ``channels`` channels."""
+        block_c = min(self.max_block_channels, 1 << max(channels - 1, 0).bit_length())
+        return max(self.min_block_pixels, self.block_elements // block_c), block_c
 
 
+TRITON = TritonConfig()
+
+
+# --- pallas_mosaic_tpu (TPU) tiles ----------------------------------------------------------
 @dataclasses.dataclass(frozen=True)
 class MosaicTpuConfig:
     """Tiles of the TPU kernels: 2-D output tiles per grid step, 2-D source windows in VMEM.
