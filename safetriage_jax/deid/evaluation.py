@@ -15,6 +15,7 @@ import pathlib
 import numpy as np
 from tqdm.auto import tqdm
 
+from safetriage_jax import outputs
 from safetriage_jax.deid import landmarks
 from safetriage_jax.deid.baselines import BASELINES
 from safetriage_jax.deid.faces import SAME_PERSON_DISTANCE, FaceTracker, face_models, find_faces
@@ -281,16 +282,25 @@ def _check_arguments(baselines, max_frames, stride):
 
 
 def evaluate_deid(original_path, deid_path, report_dir, *, identity_path=None, gallery_dir=None,
-                  baselines=("blur", "pixelate", "mask"), max_frames=None, stride=1, progress=True):
+                  baselines=("blur", "pixelate", "mask"), max_frames=None, stride=1,
+                  overwrite=False, show_original=False, extra_json=None, progress=True):
     """Evaluates ``deid_path`` against ``original_path`` and the baselines, writes the report
     (metrics.json, report.html, PNG plots) into ``report_dir`` and returns the metrics.
+
+    The report names files, not folders; its frames.png shows the original with the face
+    masked unless ``show_original``. ``overwrite`` replaces an earlier report folder;
+    ``extra_json`` ({file name: dict}) is written into the folder too.
 
     The returned dict is what metrics.json holds, plus "series": per method, the per-frame
     plot signals as NumPy arrays (metrics.json keeps only the asymmetry ones).
     """
     from safetriage_jax.deid.report import write_report
+    from safetriage_jax.deid.report import is_report
     baselines = tuple(baselines)
     _check_arguments(baselines, max_frames, stride)
+    inputs = (original_path, deid_path, identity_path, gallery_dir)
+    outputs.check_output(report_dir, folder=True, inputs=inputs, overwrite=overwrite,
+                         recognise=is_report)
     gallery, notes = gallery_embeddings(identity_path, gallery_dir)
     original_frames, fps = read_frames(original_path, stride, max_frames)
     deid_frames, _ = read_frames(deid_path, stride, max_frames)
@@ -328,11 +338,15 @@ def evaluate_deid(original_path, deid_path, report_dir, *, identity_path=None, g
                          "asymmetry": asymmetry(original, method)}
         all_series[name] = {**series(method), "distance": distance_T}
     metrics = {
-        "original": str(original_path), "deid": str(deid_path), "frames": len(original_frames),
+        "original": pathlib.Path(original_path).name, "deid": pathlib.Path(deid_path).name,
+        "frames": len(original_frames),
         "stride": stride, "fps": fps / stride,
         "original_face_frames": int(original.detected_T.sum()),
         "same_person_threshold": SAME_PERSON_DISTANCE, "notes": notes, "gallery": list(gallery),
         "methods": results, "series": all_series,
     }
-    write_report(report_dir, metrics, {"original": original, **methods})
+    shown = original if show_original else dataclasses.replace(
+        original, frames=Treated(original_frames, track.boxes_T4, BASELINES["mask"]))
+    write_report(report_dir, metrics, {"original": shown, **methods}, extra_json=extra_json,
+                 overwrite=overwrite, inputs=inputs)
     return metrics
