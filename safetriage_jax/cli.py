@@ -57,15 +57,13 @@ def _version():
 def cmd_port_weights(args):
     import dataclasses
 
-    from safetriage_jax.checkpoint import save_model
     from safetriage_jax.models.config import load_model_config
-    from safetriage_jax.porting import port_checkpoint
+    from safetriage_jax.porting import port_to_directory
     config = load_model_config(args.config, image_size=args.image_size)
     if args.image_size:
         config = dataclasses.replace(config, image_size=args.image_size)
-    variables = port_checkpoint(args.checkpoint, config)
-    out = save_model(args.out, config, variables, safetensors=args.safetensors,
-                     overwrite=args.overwrite, inputs=(args.checkpoint, args.config))
+    out = port_to_directory(args.checkpoint, config, args.out, safetensors=args.safetensors,
+                            overwrite=args.overwrite, inputs=(args.config,))
     print(f"Ported {args.checkpoint} -> {out} (image size {config.image_size}, "
           f"num_tps {config.num_tps}).")
 

@@ -81,7 +81,7 @@ def check_output(out, *, inputs=(), overwrite=False, folder=False, recognise=Non
                  need_bytes=0):
     """Checks that ``out`` may be written; returns its resolved path. Raises SafeTriageError.
 
-    ``inputs``: paths the run reads (None entries ignored). ``recognise(path) -> bool``: whether
+    ``inputs``: paths the run reads or writes elsewhere (None ignored). ``recognise(path) -> bool``: whether
     an existing output is something this tool made (only those are ever replaced).
     ``need_bytes``: a lower bound on the output's size, checked against the free space.
     """
@@ -89,7 +89,7 @@ def check_output(out, *, inputs=(), overwrite=False, folder=False, recognise=Non
     what = "folder" if folder else "file"
     for given in filter(None, inputs):
         source = _resolved(given)
-        if _same(out, source):
+        if source.exists() and _same(out, source):  # a missing input has nothing to lose
             raise SafeTriageError(f"The output {out} is also an input; choose another output path "
                                   "(an input is never overwritten).")
         if folder and source.is_relative_to(out):

@@ -238,3 +238,16 @@ def load_weights(checkpoint, config_spec=None, image_size=None):
     if image_size and image_size != config.image_size:
         config = dataclasses.replace(config, image_size=image_size)
     return config, variables
+
+
+def port_to_directory(checkpoint_path, config: TPSMMConfig, out_dir, *, safetensors=False,
+                      overwrite=False, inputs=()):
+    """Ports an upstream checkpoint into a model directory; the output is checked first (never
+    an input or a folder holding one; replaced only if it is a model directory)."""
+    from safetriage_jax import checkpoint as ckpt
+    inputs = (checkpoint_path, *inputs)
+    outputs.check_output(out_dir, folder=True, inputs=inputs, overwrite=overwrite,
+                         recognise=ckpt.is_model_directory)
+    variables = port_checkpoint(checkpoint_path, config)
+    return ckpt.save_model(out_dir, config, variables, safetensors=safetensors,
+                           overwrite=overwrite, inputs=inputs)

@@ -56,6 +56,13 @@ class Treated:
         return (self[t] for t in range(len(self)))
 
 
+def masked(analysis, boxes_T4):
+    """The analysis with its frames' faces blacked out (whole frame where no face was found):
+    what a shareable report shows of the original."""
+    return dataclasses.replace(analysis, frames=Treated(analysis.frames, boxes_T4,
+                                                        BASELINES["mask"]))
+
+
 def read_frames(path, stride=1, max_frames=None):
     """Every ``stride``-th frame (at most ``max_frames`` of them) and the video's fps."""
     frames = []
@@ -345,8 +352,7 @@ def evaluate_deid(original_path, deid_path, report_dir, *, identity_path=None, g
         "same_person_threshold": SAME_PERSON_DISTANCE, "notes": notes, "gallery": list(gallery),
         "methods": results, "series": all_series,
     }
-    shown = original if show_original else dataclasses.replace(
-        original, frames=Treated(original_frames, track.boxes_T4, BASELINES["mask"]))
+    shown = original if show_original else masked(original, track.boxes_T4)
     write_report(report_dir, metrics, {"original": shown, **methods}, extra_json=extra_json,
                  overwrite=overwrite, inputs=inputs)
     return metrics
