@@ -216,7 +216,7 @@ def test_evaluate_with_a_model_of_another_resolution_is_an_error(capsys, fixture
 
 
 def test_the_report_masks_the_original_face_by_default(rng):
-    frames = [rng.integers(1, 256, (60, 80, 3), dtype=np.uint8) for _ in range(2)]
+    frames = {t: rng.integers(1, 256, (60, 80, 3), dtype=np.uint8) for t in range(2)}
     boxes_T4 = np.array([[20.0, 10.0, 50.0, 40.0], [np.nan] * 4])
     analysis = Analysis(frames, np.zeros((2, 68, 2)), np.array([True, False]), np.zeros((2, 128)))
     shown = masked(analysis, boxes_T4).frames
@@ -240,3 +240,13 @@ def test_model_directories_get_the_usual_permissions(tmp_path, fixture_config, f
         os.umask(umask)
     assert oct(out.stat().st_mode & 0o777) == oct(0o755)
     assert json.loads((out / "config.json").read_text())["num_tps"] == fixture_config.num_tps
+
+
+def test_evaluation_keeps_only_a_few_frames_of_a_long_video():
+    from safetriage_jax.deid.evaluation import FrameSample
+    sample = FrameSample(rows=4)
+    for t in range(1000):
+        sample.offer(t, {"original": t})
+    kept = sorted(sample.of("original"))
+    assert len(kept) <= 8 and kept[0] == 0 and kept[-1] >= 700
+    assert len(set(np.diff(kept))) == 1  # evenly spaced

@@ -50,9 +50,10 @@ def plot_series(path, series, fps, keys, titles):
 
 
 def plot_frames(path, analyses, fps, rows=4, height=160):
-    """Side-by-side frames at evenly spaced times, detected landmarks drawn as dots."""
-    count = len(analyses["original"].frames)
-    times = np.unique(np.linspace(0, count - 1, rows).round().astype(int))
+    """Side-by-side frames at evenly spaced times, detected landmarks drawn as dots (each
+    analysis holds the same few frames, {frame index: frame})."""
+    kept = sorted(analyses["original"].frames)
+    times = [kept[i] for i in np.unique(np.linspace(0, len(kept) - 1, rows).round().astype(int))]
     plt, fig, axes = _figure(len(times), len(analyses), height=2.2,
                              width=max(6, 2.2 * len(analyses)))
     for r, t in enumerate(times):
