@@ -62,8 +62,8 @@ class Animator:
         if mode not in MODES:
             raise SafeTriageError(f"Unknown mode {mode!r}; choose one of {', '.join(MODES)}.")
         if mode == "avd" and "avd_network" not in variables["params"]:
-            raise SafeTriageError("This checkpoint has no AVD network; use --mode relative or "
-                                  "--mode standard.")
+            raise SafeTriageError("This checkpoint has no AVD network; use the relative or the "
+                                  "standard mode.")
         self.config, self.variables, self.mode = config, variables, mode
         self.prompt_config, self.prompt_params = prompt if prompt is not None else (None, None)
         self.model = TPSMM(config)

@@ -126,8 +126,8 @@ def load_config(model_dir) -> TPSMMConfig:
     path = pathlib.Path(model_dir) / CONFIG_FILE
     if not path.is_file():
         raise SafeTriageError(
-            f"{model_dir} is not a safetriage model directory (no {CONFIG_FILE}). Make one with "
-            "`safetriage port-weights --checkpoint vox.pth.tar --config vox-256.yaml --out DIR`.")
+            f"{model_dir} is not a safetriage model directory (no {CONFIG_FILE}). Make one from "
+            "an upstream checkpoint with `safetriage port-weights`.")
     try:
         return TPSMMConfig.from_dict(json.loads(path.read_text()))
     except json.JSONDecodeError as err:

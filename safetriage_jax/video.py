@@ -171,7 +171,7 @@ class _AudioCopy:
         self.source = av.open(str(source_path))
         if not self.source.streams.audio:
             self.source.close()
-            raise SafeTriageError(f"{source_path} has no audio track to keep; drop --keep-audio.")
+            raise SafeTriageError(f"{source_path} has no audio track to keep; do not ask for audio.")
         self.input = self.source.streams.audio[0]
         rate = self.input.codec_context.sample_rate or 48000
         self.output = container.add_stream("aac", rate=rate)
@@ -188,7 +188,7 @@ class _AudioCopy:
             self.container.mux(self.output.encode(None))
         except av.error.FFmpegError as err:
             raise SafeTriageError(f"Could not copy the audio of {self.source.name} ({err}); "
-                                  "drop --keep-audio.") from None
+                                  "write the video without audio.") from None
         finally:
             self.source.close()
 
