@@ -144,22 +144,12 @@ def cmd_train_prompt(args):
 def cmd_evaluate(args):
     import json
     from safetriage_jax import outputs
-    from safetriage_jax.checkpoint import load_model
     from safetriage_jax.models.config import load_python_config
-    from safetriage_jax.train.evaluate import evaluate
-    from safetriage_jax.train.loop import open_dataset
+    from safetriage_jax.train.evaluate import evaluate_model_directory
     if args.out:
         outputs.check_output(args.out, inputs=(args.model,), overwrite=args.overwrite)
-    config = load_python_config(args.config)
-    model_config, variables = load_model(
-        args.model, warp_implementation=config.model.get("warp_implementation"))
-    if model_config.image_size != config.data.size:
-        raise SafeTriageError(f"The model in {args.model} runs at {model_config.image_size} px but "
-                              f"the config's clips are {config.data.size} px; evaluate it with "
-                              "the config it was trained with.")
-    clips, _ = open_dataset(config, args.split)
-    metrics = evaluate(model_config, variables, clips, num_clips=args.num_clips or
-                       config.eval.num_clips, batch_size=config.eval.batch_size)
+    metrics = evaluate_model_directory(load_python_config(args.config), args.model,
+                                       split=args.split, num_clips=args.num_clips)
     text = json.dumps(metrics, indent=2)
     print(text)
     if args.out:
