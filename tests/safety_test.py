@@ -232,14 +232,12 @@ def test_cli_has_a_version_and_a_user_facing_help(capsys):
     assert "safetriage demo" in text and "safe to share" in text.lower()
 
 
-def test_model_directories_get_the_usual_permissions(tmp_path, fixture_config, fixture_variables):
-    umask = os.umask(0o022)
-    try:
-        out = checkpoint.save_model(tmp_path / "m", fixture_config, fixture_variables)
-    finally:
-        os.umask(umask)
-    assert oct(out.stat().st_mode & 0o777) == oct(0o755)
-    assert json.loads((out / "config.json").read_text())["num_tps"] == fixture_config.num_tps
+def test_model_directories_get_the_usual_permissions(fixture_model_dir, fixture_config):
+    umask = os.umask(0)
+    os.umask(umask)
+    assert oct(fixture_model_dir.stat().st_mode & 0o777) == oct(0o777 & ~umask)  # not mkdtemp's 0700
+    saved = json.loads((fixture_model_dir / "config.json").read_text())
+    assert saved["num_tps"] == fixture_config.num_tps
 
 
 def test_evaluation_keeps_only_a_few_frames_of_a_long_video():
