@@ -12,6 +12,7 @@ from safetriage_jax import outputs
 from safetriage_jax.errors import SafeTriageError
 
 MIN_SIDE = 32  # smaller inputs cannot carry a usable face
+TRUNCATION_SLACK = 0.02  # decoded frames may fall this far (and 2 frames) short of the header
 
 
 def _check_size(width, height, what):
@@ -45,9 +46,6 @@ def _to_rgb8(image):
         grey = np.round(np.clip(np.asarray(image), 0, 1) * 255).astype(np.uint8)
         return np.repeat(grey[..., None], 3, axis=-1)
     return np.asarray(image.convert("RGB"))
-
-
-TRUNCATION_SLACK = 0.02  # decoded frames may fall this far (and 2 frames) short of the header
 
 
 class VideoReader:
