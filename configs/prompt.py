@@ -12,7 +12,7 @@ import dataclasses
 
 import ml_collections
 
-from safetriage_jax.models.config import apply_override
+from safetriage_jax.models.config import apply_overrides, split_config_arg
 from safetriage_jax.models.prompt import PromptConfig
 
 
@@ -45,7 +45,7 @@ def base_config() -> ml_collections.ConfigDict:
 
 
 def get_config(arg: str = "vox-256") -> ml_collections.ConfigDict:
-    variant, *overrides = arg.split(",")
+    variant, overrides = split_config_arg(arg, "vox-256")
     c = base_config()
     if variant == "vox-256":
         pass
@@ -62,6 +62,15 @@ def get_config(arg: str = "vox-256") -> ml_collections.ConfigDict:
                      keep_checkpoints=2)
     else:
         raise ValueError(f"Unknown variant {variant!r}; use vox-256 or small.")
-    for override in overrides:
-        apply_override(c, override)
+    apply_overrides(c, overrides)
+    check(c)
     return c
+
+
+def check(c):
+    """Raises ValueError for settings that cannot train (no steps, no batch)."""
+    if c.train.num_steps < 1:
+        raise ValueError(f"train.num_steps must be at least 1 (got {c.train.num_steps}): no "
+                         "steps would leave an untrained prompt generator.")
+    if c.train.batch_size < 1:
+        raise ValueError(f"train.batch_size must be at least 1 (got {c.train.batch_size}).")

@@ -9,7 +9,7 @@ import dataclasses
 
 import ml_collections
 
-from safetriage_jax.models.config import PRESETS, TPSMMConfig, apply_override
+from safetriage_jax.models.config import PRESETS, TPSMMConfig, apply_overrides, split_config_arg
 
 VARIANTS = dict(
     PRESETS,
@@ -20,11 +20,10 @@ VARIANTS = dict(
 
 
 def get_config(arg: str = "vox-256") -> ml_collections.ConfigDict:
-    variant, *overrides = arg.split(",")
+    variant, overrides = split_config_arg(arg, "vox-256")
     if variant not in VARIANTS:
         raise ValueError(f"Unknown variant {variant!r}; choose one of {sorted(VARIANTS)}.")
     config = ml_collections.ConfigDict()
     config.model = dataclasses.asdict(VARIANTS[variant])
-    for override in overrides:
-        apply_override(config.model, override)
+    apply_overrides(config.model, overrides)
     return config

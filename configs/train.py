@@ -12,7 +12,7 @@ import dataclasses
 
 import ml_collections
 
-from safetriage_jax.models.config import PRESETS, TPSMMConfig, apply_override
+from safetriage_jax.models.config import PRESETS, TPSMMConfig, apply_overrides, split_config_arg
 
 
 def base_config() -> ml_collections.ConfigDict:
@@ -60,7 +60,7 @@ def base_config() -> ml_collections.ConfigDict:
 
 
 def get_config(arg: str = "vox-256") -> ml_collections.ConfigDict:
-    variant, *overrides = arg.split(",")
+    variant, overrides = split_config_arg(arg, "vox-256")
     c = base_config()
     if variant == "vox-256":
         c.data.builder = "folder"
@@ -88,6 +88,20 @@ def get_config(arg: str = "vox-256") -> ml_collections.ConfigDict:
         c.eval = dict(num_clips=4, batch_size=8)
     else:
         raise ValueError(f"Unknown variant {variant!r}; use vox-256, synthetic-256 or small.")
-    for override in overrides:
-        apply_override(c, override)
+    apply_overrides(c, overrides)
+    check(c)
     return c
+
+
+def check(c):
+    """Raises ValueError for settings that contradict each other or cannot train."""
+    if c.data.size != c.model.image_size:
+        raise ValueError(f"data.size ({c.data.size}) and model.image_size ({c.model.image_size}) "
+                         "must agree: the model is trained on frames of data.size pixels.")
+    if c.train.num_steps < 0 or (c.train.num_steps == 0 and c.train.num_epochs < 1):
+        raise ValueError("Training needs at least one step: set train.num_steps >= 1 or "
+                         f"train.num_epochs >= 1 (got {c.train.num_steps} and "
+                         f"{c.train.num_epochs}).")
+    if c.train.batch_size < 1:
+        raise ValueError(f"train.batch_size must be at least 1 (got {c.train.batch_size}).")
+    TPSMMConfig.from_dict(dict(c.model))  # types and architecture constraints

@@ -57,12 +57,14 @@ def main():
 
     rows = []
     _, seconds = twice(lambda: animate_video(model, args.identity, clip, work / "a.mp4",
-                                             batch_size=args.batch, progress=False))
+                                             batch_size=args.batch, overwrite=True,
+                                             progress=False))
     rows.append({"pipeline": "animate (no face pipeline)", "seconds": seconds})
     for paste_back in (False, True):
         options = DeidOptions(paste_back=paste_back, batch_size=args.batch)
         summary, seconds = twice(lambda: deidentify(clip, args.identity, work / "d.mp4", model,
-                                                    options=options, progress=False))
+                                                    options=options, overwrite=True,
+                                                    progress=False))
         rows.append({"pipeline": "deid " + ("paste-back" if paste_back else "crop"),
                      "seconds": seconds, "stages": summary["stage_seconds"]})
     device = jax.devices()[0]

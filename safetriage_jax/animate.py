@@ -13,13 +13,23 @@ import numpy as np
 from scipy.spatial import ConvexHull
 from tqdm.auto import tqdm
 
+from safetriage_jax import outputs
 from safetriage_jax.checkpoint import load_model
 from safetriage_jax.errors import SafeTriageError
 from safetriage_jax.models import prompt as prompt_lib
 from safetriage_jax.models.tpsmm import TPSMM
-from safetriage_jax.video import VideoReader, read_image, video_writer
+from safetriage_jax.video import VideoReader, is_video, read_image, video_writer
 
 MODES = ("relative", "standard", "avd")
+MAX_BATCH = 4096
+
+
+def check_batch_size(batch_size):
+    """Raises unless ``batch_size`` is an integer in [1, MAX_BATCH] (frames per device call)."""
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or not (
+            1 <= batch_size <= MAX_BATCH):
+        raise SafeTriageError(f"The batch size must be an integer from 1 to {MAX_BATCH} "
+                              f"(got {batch_size!r}).")
 
 
 def to_model_input(images_NHW3_uint8, size):
@@ -52,8 +62,8 @@ class Animator:
         if mode not in MODES:
             raise SafeTriageError(f"Unknown mode {mode!r}; choose one of {', '.join(MODES)}.")
         if mode == "avd" and "avd_network" not in variables["params"]:
-            raise SafeTriageError("This checkpoint has no AVD network; use --mode relative or "
-                                  "--mode standard.")
+            raise SafeTriageError("This checkpoint has no AVD network; use the relative or the "
+                                  "standard mode.")
         self.config, self.variables, self.mode = config, variables, mode
         self.prompt_config, self.prompt_params = prompt if prompt is not None else (None, None)
         self.model = TPSMM(config)
@@ -138,10 +148,13 @@ def batches(frames, batch_size):
 
 
 def animate_video(model_dir, source_path, driving_path, out_path, *, mode="relative",
-                  batch_size=16, warp_implementation=None, progress=True):
-    """Writes ``out_path`` (h264 mp4 at the driving video's fps); returns the frame count."""
-    if batch_size < 1:
-        raise SafeTriageError(f"--batch must be at least 1 (got {batch_size}).")
+                  batch_size=16, warp_implementation=None, overwrite=False, progress=True):
+    """Writes ``out_path`` (h264 mp4 at the driving video's fps); returns the frame count.
+
+    ``overwrite``: replace an existing video at ``out_path`` (never one of the inputs)."""
+    check_batch_size(batch_size)
+    inputs = (model_dir, source_path, driving_path)
+    outputs.check_output(out_path, inputs=inputs, overwrite=overwrite, recognise=is_video)
     config, variables = load_model(model_dir, warp_implementation=warp_implementation)
     animator = Animator(config, variables, mode)
     source = read_image(source_path)
@@ -152,7 +165,8 @@ def animate_video(model_dir, source_path, driving_path, out_path, *, mode="relat
         animator.set_source(source, first)
         bar = tqdm(total=reader.num_frames, unit="frame", desc="animate", disable=not progress)
         written = 0
-        with video_writer(out_path, reader.fps, size, size) as write:
+        with video_writer(out_path, reader.fps, size, size, overwrite=overwrite,
+                          inputs=inputs) as write:
             pending = None
             for batch, real in batches(itertools.chain([first], frames), batch_size):
                 result = animator.animate(batch)

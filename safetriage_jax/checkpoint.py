@@ -7,14 +7,13 @@ an orbax checkpoint (``variables/``, the default) or as ``model.safetensors``, o
 import dataclasses
 import json
 import pathlib
-import shutil
-import tempfile
 
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
 from flax import traverse_util
 
+from safetriage_jax import outputs
 from safetriage_jax.errors import SafeTriageError
 from safetriage_jax.models.config import TPSMMConfig
 from safetriage_jax.models.tpsmm import variable_shapes
@@ -25,24 +24,30 @@ SAFETENSORS_FILE = "model.safetensors"
 PROMPT_PARAMS_DIR = "params"
 
 
-def _write_directory(out_dir, overwrite, fill):
-    """Creates ``out_dir`` whole or not at all: ``fill(staging_dir)`` writes into a temp dir
-    beside it, which is then renamed."""
-    out_dir = pathlib.Path(out_dir).absolute()
-    if out_dir.exists() and any(out_dir.iterdir()) and not overwrite:
-        raise SafeTriageError(f"{out_dir} exists and is not empty; choose another --out or pass "
-                              "--overwrite.")
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    staging = pathlib.Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
-    try:
+MODEL_ENTRIES = {CONFIG_FILE, ORBAX_DIR, SAFETENSORS_FILE}
+PROMPT_ENTRIES = {CONFIG_FILE, PROMPT_PARAMS_DIR, "info.json"}
+
+
+def _made_by_us(entries):
+    """A recogniser for outputs.check_output: a folder holding config.json and only ``entries``."""
+    def recognise(folder):
+        names = {p.name for p in pathlib.Path(folder).iterdir()}
+        return CONFIG_FILE in names and names <= entries
+    return recognise
+
+
+def is_model_directory(folder):
+    """Whether ``folder`` looks like a model directory this tool wrote (and nothing else)."""
+    return pathlib.Path(folder).is_dir() and _made_by_us(MODEL_ENTRIES)(folder)
+
+
+def _write_directory(out_dir, overwrite, fill, entries, inputs=()):
+    """Creates ``out_dir`` whole or not at all; an existing one is replaced only if it holds
+    nothing but ``entries`` (a directory this tool wrote)."""
+    with outputs.atomic_directory(out_dir, overwrite=overwrite, inputs=inputs,
+                                  recognise=_made_by_us(entries)) as staging:
         fill(staging)
-        if out_dir.exists():
-            shutil.rmtree(out_dir)
-        staging.rename(out_dir)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
-    return out_dir
+    return pathlib.Path(out_dir).expanduser().resolve()
 
 
 def _save_tree(directory, tree):
@@ -59,8 +64,11 @@ def _restore_tree(directory, what):
                               f"({type(err).__name__}); {what}.") from None
 
 
-def save_model(out_dir, config: TPSMMConfig, variables, *, safetensors=False, overwrite=False):
-    """Writes a model directory (config.json + variables), whole or not at all."""
+def save_model(out_dir, config: TPSMMConfig, variables, *, safetensors=False, overwrite=False,
+               inputs=()):
+    """Writes a model directory (config.json + variables), whole or not at all; ``inputs``: files
+    the weights came from (never overwritten or deleted)."""
+    check_finite(variables, "The weights to save")
     def fill(staging):
         (staging / CONFIG_FILE).write_text(config.to_json())
         _save_tree(staging / ORBAX_DIR, variables)
@@ -69,7 +77,7 @@ def save_model(out_dir, config: TPSMMConfig, variables, *, safetensors=False, ov
             flat = traverse_util.flatten_dict(jax.tree.map(np.asarray, variables), sep="/")
             save_file({k: np.ascontiguousarray(v) for k, v in flat.items()},
                       str(staging / SAFETENSORS_FILE))
-    return _write_directory(out_dir, overwrite, fill)
+    return _write_directory(out_dir, overwrite, fill, MODEL_ENTRIES, inputs)
 
 
 def save_prompt(out_dir, config, params, *, info=None, overwrite=True):
@@ -78,7 +86,7 @@ def save_prompt(out_dir, config, params, *, info=None, overwrite=True):
         (staging / CONFIG_FILE).write_text(config.to_json())
         (staging / "info.json").write_text(json.dumps(info or {}, indent=2))
         _save_tree(staging / PROMPT_PARAMS_DIR, params)
-    return _write_directory(out_dir, overwrite, fill)
+    return _write_directory(out_dir, overwrite, fill, PROMPT_ENTRIES)
 
 
 def load_prompt(prompt_dir):
@@ -101,12 +109,25 @@ def load_prompt(prompt_dir):
     return config, params
 
 
+def require_model_directory(path):
+    """Raises unless ``path`` is a folder (naming what it is instead: an upstream file, ...)."""
+    path = pathlib.Path(path)
+    if path.is_file():
+        kind = ("an upstream PyTorch checkpoint" if path.name.endswith((".pth", ".pth.tar", ".tar"))
+                else "a file")
+        raise SafeTriageError(f"{path} is {kind}, but a model directory is needed here; make one "
+                              "from it with `safetriage port-weights`.")
+    if not path.is_dir():
+        raise SafeTriageError(f"Model directory {path} does not exist; make one with "
+                              "`safetriage port-weights`.")
+
+
 def load_config(model_dir) -> TPSMMConfig:
     path = pathlib.Path(model_dir) / CONFIG_FILE
     if not path.is_file():
         raise SafeTriageError(
-            f"{model_dir} is not a safetriage model directory (no {CONFIG_FILE}). Make one with "
-            "`safetriage port-weights --checkpoint vox.pth.tar --config vox-256.yaml --out DIR`.")
+            f"{model_dir} is not a safetriage model directory (no {CONFIG_FILE}). Make one from "
+            "an upstream checkpoint with `safetriage port-weights`.")
     try:
         return TPSMMConfig.from_dict(json.loads(path.read_text()))
     except json.JSONDecodeError as err:
@@ -119,9 +140,7 @@ def load_model(model_dir, **runtime):
     ``runtime``: how to run the model (``TPSMMConfig.RUNTIME_FIELDS``, e.g.
     ``warp_implementation``), set on the returned config; None leaves the default."""
     model_dir = pathlib.Path(model_dir)
-    if not model_dir.is_dir():
-        raise SafeTriageError(f"Model directory {model_dir} does not exist; make one with "
-                              "`safetriage port-weights`.")
+    require_model_directory(model_dir)
     config = load_config(model_dir)
     if (model_dir / ORBAX_DIR).is_dir():
         variables = _restore_tree(model_dir / ORBAX_DIR, "port the weights again")
@@ -136,6 +155,7 @@ def load_model(model_dir, **runtime):
     else:
         raise SafeTriageError(f"{model_dir} has no weights ({ORBAX_DIR}/ or {SAFETENSORS_FILE}).")
     check_variables(variables, config)
+    check_finite(variables, f"The weights in {model_dir}")
     return with_runtime(config, **runtime), variables
 
 
@@ -163,3 +183,13 @@ def check_variables(variables, config: TPSMMConfig):
     extra = sorted(set(got) - set(expected))
     if extra:
         raise SafeTriageError(f"Weights do not match the config: {extra[0]} is not in the model.")
+
+
+def check_finite(variables, what):
+    """Raises if any tensor holds NaN or infinity (such weights animate a black video)."""
+    for key, value in traverse_util.flatten_dict(dict(variables), sep="/").items():
+        value = np.asarray(value)
+        if np.issubdtype(value.dtype, np.floating) and not np.isfinite(value).all():
+            bad = int(np.size(value) - np.isfinite(value).sum())
+            raise SafeTriageError(f"{what} are damaged: {key} holds {bad} NaN or infinite "
+                                  "value(s). Use an intact checkpoint (or retrain).")

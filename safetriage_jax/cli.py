@@ -1,86 +1,88 @@
 """The ``safetriage`` command line: a thin layer over the library; errors print without traceback."""
 
 import argparse
-import dataclasses
 import os
 import pathlib
 import sys
-import tempfile
 import time
 
 from safetriage_jax.errors import SafeTriageError
 
-DEMO_FIXTURE = pathlib.Path("fixtures", "tpsmm_small")
-DEMO_SAMPLES = pathlib.Path("samples")
+MAX_BATCH = 4096  # = safetriage_jax.animate.MAX_BATCH (not imported: keeps --help fast)
 DEFAULT_CHECKPOINT = "models/vox"
+DESCRIPTION = """\
+De-identify facial videos: a synthetic identity makes the patient's facial movements, so a
+clinician can judge motion (blinks, asymmetry, speech) without seeing who the patient is.
+
+Start here:
+  safetriage demo                                  try everything on the bundled samples
+  safetriage port-weights --checkpoint vox.pth.tar --config vox-256 --out models/vox
+  safetriage deid --input patient.mp4 --identity synthetic.png --out deid.mp4 --report report/
+
+Outputs are written whole or not at all, never over an input, and an existing output is
+replaced only with --overwrite. Safe to share: the de-identified video (audio and metadata
+dropped by default) and the report (the original's face masked, file names only). Not safe:
+the patient's video, face-crop inputs, and reports made with --report-show-original.
+"""
 
 
-def _config_for(args, image_size=None):
-    from safetriage_jax.models.config import load_model_config
-    config = load_model_config(args.config, image_size=args.image_size)
-    size = image_size or args.image_size
-    return dataclasses.replace(config, image_size=size) if size else config
+def _bounded(kind, low, high):
+    """An argparse type: ``kind`` (int or float) within [low, high]."""
+    def parse(text):
+        try:
+            value = kind(text)
+        except ValueError:
+            what = "an integer" if kind is int else "a number"
+            raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}") from None
+        if not low <= value <= high:
+            raise argparse.ArgumentTypeError(f"must be from {low:g} to {high:g} (got {text})")
+        return value
+    return parse
 
 
-def _load_weights(checkpoint, config_spec_args, image_size=None):
-    """(config, variables) from a model directory or an upstream .pth.tar + config."""
-    from safetriage_jax import checkpoint as ckpt
-    from safetriage_jax.porting import port_checkpoint
-    path = pathlib.Path(checkpoint)
-    if path.is_dir():
-        config, variables = ckpt.load_model(path)
-        if image_size:
-            config = dataclasses.replace(config, image_size=image_size)
-        return config, variables
-    if not config_spec_args.config:
-        raise SafeTriageError("--config is needed with an upstream .pth.tar checkpoint (e.g. "
-                              "config/vox-256.yaml).")
-    config = _config_for(config_spec_args, image_size)
-    return config, port_checkpoint(path, config)
+def _framing_range(name):
+    from safetriage_jax.deid.framing import RANGES
+    low, high = next((lo, hi) for n, lo, hi in RANGES if n == name)
+    return _bounded(float, low, high)
+
+
+def _version():
+    from importlib import metadata
+    try:
+        return metadata.version("safetriage-jax")
+    except metadata.PackageNotFoundError:
+        return "unknown"
 
 
 def cmd_port_weights(args):
-    from safetriage_jax.checkpoint import save_model
-    from safetriage_jax.porting import port_checkpoint
-    config = _config_for(args)
-    variables = port_checkpoint(args.checkpoint, config)
-    out = save_model(args.out, config, variables, safetensors=args.safetensors,
-                     overwrite=args.overwrite)
+    import dataclasses
+
+    from safetriage_jax.models.config import load_model_config
+    from safetriage_jax.porting import port_to_directory
+    config = load_model_config(args.config, image_size=args.image_size)
+    if args.image_size:
+        config = dataclasses.replace(config, image_size=args.image_size)
+    out = port_to_directory(args.checkpoint, config, args.out, safetensors=args.safetensors,
+                            overwrite=args.overwrite, inputs=(args.config,))
     print(f"Ported {args.checkpoint} -> {out} (image size {config.image_size}, "
           f"num_tps {config.num_tps}).")
 
 
 def cmd_export_weights(args):
     from safetriage_jax.checkpoint import load_model
+    from safetriage_jax.outputs import check_output
     from safetriage_jax.porting import export_checkpoint
+    check_output(args.out, inputs=(args.checkpoint,), overwrite=args.overwrite)
     _, variables = load_model(args.checkpoint)
-    export_checkpoint(variables, args.out)
+    export_checkpoint(variables, args.out, overwrite=args.overwrite, inputs=(args.checkpoint,))
     print(f"Wrote upstream-layout checkpoint {args.out}.")
 
 
 def cmd_parity(args):
-    import numpy as np
-
-    from safetriage_jax.parity import compare, parity_outputs
-    inputs_path = pathlib.Path(args.inputs)
-    if not inputs_path.is_file():
-        raise SafeTriageError(f"Inputs file {inputs_path} does not exist.")
-    try:
-        inputs = dict(np.load(inputs_path))
-    except Exception as err:
-        raise SafeTriageError(f"Could not read {inputs_path} as .npz ({err}).") from None
-    for key in ("source", "driving"):
-        if key not in inputs or inputs[key].ndim != 4 or inputs[key].shape[1] != 3:
-            raise SafeTriageError(f"{inputs_path} needs '{key}' frames shaped (N, 3, H, W) in [0, 1].")
-    config, variables = _load_weights(args.checkpoint, args, image_size=inputs["source"].shape[2])
-    outputs = parity_outputs(config, variables, inputs["source"], inputs["driving"])
-    out = pathlib.Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.NamedTemporaryFile(dir=out.parent, suffix=".npz", delete=False) as tmp:
-        np.savez(tmp, **outputs)
-    pathlib.Path(tmp.name).replace(out)
-    print(f"Wrote {len(outputs)} outputs to {out}.")
-    errors = compare(outputs, inputs)
+    from safetriage_jax.parity import run_parity
+    outputs, errors = run_parity(args.checkpoint, args.inputs, args.out, config_spec=args.config,
+                                 overwrite=args.overwrite)
+    print(f"Wrote {len(outputs)} outputs to {args.out}.")
     if errors:
         print(f"\n{'output':32s} relative error")
         for name, err in errors.items():
@@ -97,54 +99,17 @@ def cmd_animate(args):
     from safetriage_jax.animate import animate_video
     start = time.perf_counter()
     frames = animate_video(args.checkpoint, args.source, args.driving, args.out, mode=args.mode,
-                           batch_size=args.batch, warp_implementation=args.warp_implementation)
+                           batch_size=args.batch, warp_implementation=args.warp_implementation,
+                           overwrite=args.overwrite)
     seconds = time.perf_counter() - start
     print(f"Wrote {args.out}: {frames} frames in {seconds:.1f} s ({frames / seconds:.1f} frames/s, "
           "compilation included).")
 
 
-def _find_shared(explicit):
-    candidates = [explicit] if explicit else [
-        os.environ.get("SAFETRIAGE_SHARED"), "../shared", "shared",
-        pathlib.Path(__file__).resolve().parents[2] / "shared"]
-    for candidate in filter(None, candidates):
-        if (pathlib.Path(candidate) / DEMO_FIXTURE / "checkpoint.pth.tar").is_file():
-            return pathlib.Path(candidate)
-    raise SafeTriageError("Could not find the shared demo data (fixtures/tpsmm_small and samples/); "
-                          "pass --shared DIR or set SAFETRIAGE_SHARED.")
-
-
 def cmd_demo(args):
-    from safetriage_jax.animate import animate_video
-    from safetriage_jax.checkpoint import save_model
-    from safetriage_jax.models.config import from_upstream_yaml
-    from safetriage_jax.porting import port_checkpoint
-    shared = _find_shared(args.shared)
-    out_dir = pathlib.Path(args.out)
-    model_dir = out_dir / "model"
-    print("Demo: RANDOM weights (the shared parity fixture's checkpoint), so the face will not look "
-          "real; real weights come from `safetriage port-weights --checkpoint vox.pth.tar`.")
-    if not (model_dir / "config.json").is_file():
-        config = from_upstream_yaml(shared / DEMO_FIXTURE / "config.yaml")
-        variables = port_checkpoint(shared / DEMO_FIXTURE / "checkpoint.pth.tar", config)
-        save_model(model_dir, config, variables)
-        print(f"Ported the fixture checkpoint to {model_dir}.")
-    out = out_dir / "animation.mp4"
-    start = time.perf_counter()
-    frames = animate_video(model_dir, shared / DEMO_SAMPLES / "source.png",
-                           shared / DEMO_SAMPLES / "driving.mp4", out, mode=args.mode,
-                           batch_size=args.batch)
-    print(f"Wrote {out}: {frames} frames in {time.perf_counter() - start:.1f} s.")
-    from safetriage_jax.deid.evaluation import evaluate_deid
-    from safetriage_jax.deid.pipeline import DeidOptions, deidentify
-    driving, source = shared / DEMO_SAMPLES / "driving.mp4", shared / DEMO_SAMPLES / "source.png"
-    deid = out_dir / "deid.mp4"
-    summary = deidentify(driving, source, deid, model_dir,
-                         options=DeidOptions(paste_back=True, batch_size=args.batch))
-    print(f"Wrote {deid}: {summary['frames']} frames de-identified (face pasted back) in "
-          f"{summary['seconds']:.1f} s.")
-    evaluate_deid(driving, deid, out_dir / "report", identity_path=source, stride=3)
-    print(f"Wrote the evaluation report {out_dir / 'report' / 'report.html'} (every 3rd frame).")
+    from safetriage_jax.demo import find_shared, run_demo
+    run_demo(find_shared(args.shared), args.out, mode=args.mode, batch_size=args.batch,
+             overwrite=args.overwrite)
 
 
 def _run_training(args, train_fn, what, result, hint=""):
@@ -178,29 +143,24 @@ def cmd_train_prompt(args):
 
 def cmd_evaluate(args):
     import json
-    from safetriage_jax.checkpoint import load_model
+    from safetriage_jax import outputs
     from safetriage_jax.models.config import load_python_config
-    from safetriage_jax.train.evaluate import evaluate
-    from safetriage_jax.train.loop import open_dataset
-    config = load_python_config(args.config)
-    model_config, variables = load_model(
-        args.model, warp_implementation=config.model.get("warp_implementation"))
-    clips, _ = open_dataset(config, args.split)
-    metrics = evaluate(model_config, variables, clips, num_clips=args.num_clips or
-                       config.eval.num_clips, batch_size=config.eval.batch_size)
+    from safetriage_jax.train.evaluate import evaluate_model_directory
+    if args.out:
+        outputs.check_output(args.out, inputs=(args.model,), overwrite=args.overwrite)
+    metrics = evaluate_model_directory(load_python_config(args.config), args.model,
+                                       split=args.split, num_clips=args.num_clips)
     text = json.dumps(metrics, indent=2)
     print(text)
     if args.out:
-        out = pathlib.Path(args.out)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(text + "\n")
+        outputs.write_text(args.out, text + "\n", inputs=(args.model,), overwrite=args.overwrite)
 
 
 def cmd_deid(args):
     from safetriage_jax.deid.framing import FramingOptions
     from safetriage_jax.deid.pipeline import DeidOptions, deidentify
     checkpoint = args.checkpoint or os.environ.get("SAFETRIAGE_CHECKPOINT", DEFAULT_CHECKPOINT)
-    if not pathlib.Path(checkpoint).is_dir():
+    if not pathlib.Path(checkpoint).exists():
         raise SafeTriageError(f"No model directory at {checkpoint}. Port upstream's pretrained "
                               "weights once: `safetriage port-weights --checkpoint vox.pth.tar "
                               f"--config vox-256 --out {DEFAULT_CHECKPOINT}` (or pass --checkpoint).")
@@ -209,10 +169,13 @@ def cmd_deid(args):
                           batch_size=args.batch, warp_implementation=args.warp_implementation,
                           framing=FramingOptions(scale=args.crop_scale))
     summary = deidentify(args.input, args.identity, args.out, checkpoint, options=options,
-                         prompt_dir=args.prompt_checkpoint, report_dir=args.report)
+                         prompt_dir=args.prompt_checkpoint, report_dir=args.report,
+                         overwrite=args.overwrite,
+                         report_show_original=args.report_show_original)
     print(f"Wrote {args.out}: {summary['frames']} frames ({summary['face_frames']} with the face "
           f"found, {summary['filled_frames']} filled between detections, "
-          f"{summary['blank_frames']} blanked) in {summary['seconds']:.1f} s "
+          f"{summary['blank_frames']} blanked, {summary['uncovered_frames']} of them because the "
+          f"paste would not cover the face) in {summary['seconds']:.1f} s "
           f"({summary['frames_per_second']:.1f} frames/s). Audio {summary['audio']}, metadata dropped.")
     for note in summary["notes"]:
         print(f"note: {note}")
@@ -225,7 +188,8 @@ def cmd_evaluate_deid(args):
     baselines = tuple(b for b in args.baselines.split(",") if b)
     metrics = evaluate_deid(args.original, args.deid, args.report, identity_path=args.identity,
                             gallery_dir=args.gallery, baselines=baselines,
-                            max_frames=args.max_frames, stride=args.stride)
+                            max_frames=args.max_frames, stride=args.stride,
+                            overwrite=args.overwrite, show_original=args.report_show_original)
     print(f"{'method':<10} {'re-id rate':>10} {'top-1':>6} {'landmark r':>10} {'NME':>6}")
     for name, method in metrics["methods"].items():
         privacy, motion = method["privacy"], method["motion"]
@@ -241,13 +205,21 @@ def _fmt(value):
 
 
 def build_parser():
-    parser = argparse.ArgumentParser(prog="safetriage", description=__doc__)
-    sub = parser.add_subparsers(dest="command", required=True)
+    parser = argparse.ArgumentParser(prog="safetriage", description=DESCRIPTION,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter,
+                                     epilog="`safetriage COMMAND --help` describes each command.")
+    parser.add_argument("--version", action="version", version=f"safetriage {_version()}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def add_overwrite(p, what="the output"):
+        p.add_argument("--overwrite", action="store_true",
+                       help=f"replace {what} if it exists (only something this tool wrote; "
+                            "never an input)")
 
     def add_config(p, required):
         p.add_argument("--config", required=required,
                        help="upstream YAML (vox-256.yaml), configs/tpsmm.py[:variant] or a preset name")
-        p.add_argument("--image-size", type=int, default=None,
+        p.add_argument("--image-size", type=_bounded(int, 32, 4096), default=None,
                        help="model resolution (default: from the config name, else 256)")
 
     p = sub.add_parser("port-weights", help="upstream .pth.tar -> Flax model directory (orbax)")
@@ -255,12 +227,13 @@ def build_parser():
     add_config(p, required=True)
     p.add_argument("--out", required=True, help="model directory to create")
     p.add_argument("--safetensors", action="store_true", help="also write model.safetensors")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing --out")
+    add_overwrite(p, "an existing model directory at --out")
     p.set_defaults(func=cmd_port_weights)
 
     p = sub.add_parser("export-weights", help="Flax model directory -> upstream-layout .pth.tar")
     p.add_argument("--checkpoint", required=True, help="model directory")
     p.add_argument("--out", required=True, help="the .pth.tar to write")
+    add_overwrite(p, "an existing checkpoint file at --out")
     p.set_defaults(func=cmd_export_weights)
 
     p = sub.add_parser("parity", help="run every network on an npz's frames, upstream layout")
@@ -268,13 +241,15 @@ def build_parser():
     add_config(p, required=False)
     p.add_argument("--inputs", required=True, help="npz with source and driving (N,3,H,W) in [0,1]")
     p.add_argument("--out", required=True, help="npz to write the outputs to")
-    p.add_argument("--tolerance", type=float, default=1e-4,
+    p.add_argument("--tolerance", type=_bounded(float, 1e-12, 1.0), default=1e-4,
                    help="max relative error when --inputs also holds expected outputs")
+    add_overwrite(p)
     p.set_defaults(func=cmd_parity)
 
     def add_animation_options(p):
         p.add_argument("--mode", default="relative", choices=["relative", "standard", "avd"])
-        p.add_argument("--batch", type=int, default=16, help="driving frames per device call")
+        p.add_argument("--batch", type=_bounded(int, 1, MAX_BATCH), default=16,
+                       help="driving frames per device call")
 
     p = sub.add_parser("animate", help="animate a source image with a driving video")
     p.add_argument("--checkpoint", required=True, help="model directory from port-weights")
@@ -283,6 +258,7 @@ def build_parser():
     p.add_argument("--out", required=True, help="output mp4 (h264)")
     add_animation_options(p)
     p.add_argument("--warp-implementation", default=None, help="grid-sample backend (default: best)")
+    add_overwrite(p)
     p.set_defaults(func=cmd_animate)
 
     def add_training(name, help, config_help, func):
@@ -306,8 +282,10 @@ def build_parser():
     p.add_argument("--config", required=True, help="the training config (for the dataset)")
     p.add_argument("--model", required=True, help="model directory (e.g. WORKDIR/model)")
     p.add_argument("--split", default="test")
-    p.add_argument("--num-clips", type=int, default=0, help="default: the config's eval.num_clips")
+    p.add_argument("--num-clips", type=_bounded(int, 0, 10 ** 6), default=0,
+                   help="default: the config's eval.num_clips")
     p.add_argument("--out", default=None, help="also write the metrics as JSON here")
+    add_overwrite(p)
     p.set_defaults(func=cmd_evaluate)
 
     p = sub.add_parser("deid", help="de-identify a facial video with a synthetic identity")
@@ -325,13 +303,19 @@ def build_parser():
     p.add_argument("--reference", default="first", choices=["first", "neutral", "best"],
                    help="frame relative motion starts from: first with a face, most neutral and "
                         "frontal, or most like the identity's pose")
-    p.add_argument("--crop-scale", type=float, default=1.8, help="crop side / face box side")
+    p.add_argument("--crop-scale", type=_framing_range("scale"), default=1.8,
+                   help="crop side / face box side (1.2 to 5); with --paste-back, frames where "
+                        "the square would not cover the whole face are blanked")
     p.add_argument("--keep-audio", action="store_true",
                    help="copy the input's audio (re-encoded AAC); dropped by default: voices identify")
     p.add_argument("--detector", default="hog", choices=["hog", "centerface"],
                    help="face detector: dlib HOG (default) or CenterFace (extra `centerface`)")
     add_animation_options(p)
     p.add_argument("--warp-implementation", default=None, help="grid-sample backend (default: best)")
+    p.add_argument("--report-show-original", action="store_true",
+                   help="show the original's face in the report (then the report identifies "
+                        "the patient: do not share it)")
+    add_overwrite(p, "the output video and report")
     p.set_defaults(func=cmd_deid)
 
     p = sub.add_parser("evaluate-deid", help="privacy / motion / asymmetry report vs baselines")
@@ -343,8 +327,14 @@ def build_parser():
                    help="folder of other people's images/videos for the re-identification attack")
     p.add_argument("--baselines", default="blur,pixelate,mask",
                    help="comma-separated traditional methods to compare (blur, pixelate, mask)")
-    p.add_argument("--max-frames", type=int, default=None, help="evaluate at most this many frames")
-    p.add_argument("--stride", type=int, default=1, help="evaluate every n-th frame")
+    p.add_argument("--max-frames", type=_bounded(int, 1, 10 ** 9), default=None,
+                   help="evaluate at most this many frames")
+    p.add_argument("--stride", type=_bounded(int, 1, 10 ** 6), default=1,
+                   help="evaluate every n-th frame")
+    p.add_argument("--report-show-original", action="store_true",
+                   help="show the original's face in frames.png (the report then identifies "
+                        "the patient)")
+    add_overwrite(p, "an existing report folder")
     p.set_defaults(func=cmd_evaluate_deid)
 
     p = sub.add_parser("demo", help="port the shared fixture; animate and de-identify the shared "
@@ -352,14 +342,22 @@ def build_parser():
     p.add_argument("--shared", default=None, help="the shared/ folder (default: ../shared)")
     p.add_argument("--out", default="out/demo", help="where to write the model and the video")
     add_animation_options(p)
+    add_overwrite(p, "the demo's videos and report")
     p.set_defaults(func=cmd_demo)
     return parser
 
 
 def main(argv=None):
-    args = build_parser().parse_args(argv)
+    from safetriage_jax.outputs import OutputExistsError
+    try:
+        args = build_parser().parse_args(argv)
+    except SystemExit as exit:  # --help, --version, or a usage error (already printed)
+        return exit.code
     try:
         args.func(args)
+    except OutputExistsError as err:
+        print(f"error: {err} (pass --overwrite to replace it)", file=sys.stderr)
+        return 2
     except SafeTriageError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

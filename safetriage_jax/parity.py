@@ -4,10 +4,15 @@ This is how a port is checked against PyTorch: the output names, shapes (NCHW) a
 match what upstream's modules return, so arrays can be compared one to one.
 """
 
+import pathlib
+import zipfile
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from safetriage_jax import outputs
+from safetriage_jax.errors import SafeTriageError
 from safetriage_jax.models.tpsmm import TPSMM
 
 
@@ -67,3 +72,46 @@ def compare(outputs, expected):
     """{name: relative error} for every output that ``expected`` also has."""
     return {name: relative_error(value, expected[name])
             for name, value in outputs.items() if name in expected}
+
+
+def read_inputs(path):
+    """{name: array} of a parity ``.npz``: ``source`` and ``driving`` frames (N, 3, S, S) of one
+    shape, in [0, 1], and optionally expected outputs."""
+    path = pathlib.Path(path)
+    if not path.is_file():
+        raise SafeTriageError(f"Inputs file {path} does not exist.")
+    try:
+        with np.load(path) as npz:
+            inputs = dict(npz)
+    except Exception as err:  # numpy raises several types for foreign files
+        raise SafeTriageError(f"Could not read {path} as .npz ({type(err).__name__}).") from None
+    for key in ("source", "driving"):
+        if key not in inputs or inputs[key].ndim != 4 or inputs[key].shape[1] != 3:
+            raise SafeTriageError(f"{path} needs '{key}' frames shaped (N, 3, H, W) in [0, 1].")
+    source, driving = inputs["source"].shape, inputs["driving"].shape
+    if source != driving or source[2] != source[3]:
+        raise SafeTriageError(f"{path}: source {source} and driving {driving} must have the same "
+                              "shape, with square frames (N, 3, S, S): the model runs at one size.")
+    for key in ("source", "driving"):
+        if not np.isfinite(inputs[key]).all():
+            raise SafeTriageError(f"{path}: '{key}' holds NaN or infinite values.")
+    return inputs
+
+
+def run_parity(checkpoint, inputs_path, out_path, *, config_spec=None, overwrite=False):
+    """Runs every network on the frames of ``inputs_path``, writes the outputs to ``out_path``
+    (.npz, atomically, never over an input) and returns {output name: relative error} against
+    the expected outputs the inputs file holds (empty when it holds none)."""
+    from safetriage_jax.porting import load_weights
+    inputs_of_run = (inputs_path, checkpoint, config_spec)
+    outputs.check_output(out_path, inputs=inputs_of_run, overwrite=overwrite,
+                         recognise=zipfile.is_zipfile)
+    inputs = read_inputs(inputs_path)
+    config, variables = load_weights(checkpoint, config_spec,
+                                     image_size=inputs["source"].shape[2])
+    results = parity_outputs(config, variables, inputs["source"], inputs["driving"])
+    with outputs.atomic_file(out_path, inputs=inputs_of_run, overwrite=overwrite,
+                             recognise=zipfile.is_zipfile) as staging:
+        with open(staging, "wb") as f:
+            np.savez(f, **results)
+    return results, compare(results, inputs)

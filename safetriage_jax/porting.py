@@ -12,10 +12,12 @@ for the perceptual loss the same way (``features.28.weight`` <-> ``params/featur
 
 import pathlib
 import re
+import zipfile
 
 import numpy as np
 from flax import traverse_util
 
+from safetriage_jax import outputs
 from safetriage_jax.errors import SafeTriageError
 from safetriage_jax.models import vgg
 from safetriage_jax.models.config import TPSMMConfig
@@ -176,19 +178,23 @@ def flax_to_torch(variables):
 
 
 def port_checkpoint(checkpoint_path, config: TPSMMConfig):
-    """Upstream ``.pth.tar`` -> Flax variables for ``config``."""
-    return torch_to_flax(load_torch_checkpoint(checkpoint_path), config)
+    """Upstream ``.pth.tar`` -> Flax variables for ``config``; NaN or infinite weights rejected."""
+    from safetriage_jax.checkpoint import check_finite
+    variables = torch_to_flax(load_torch_checkpoint(checkpoint_path), config)
+    check_finite(variables, f"The weights in {checkpoint_path}")
+    return variables
 
 
-def export_checkpoint(variables, out_path, epoch=0):
-    """Writes Flax variables as an upstream ``.pth.tar`` (atomically: temp file, then rename)."""
+def export_checkpoint(variables, out_path, epoch=0, *, overwrite=False, inputs=()):
+    """Writes Flax variables as an upstream ``.pth.tar``, atomically; an existing file is
+    replaced (with ``overwrite``) only if it is a torch checkpoint, never an input."""
     torch = _require_torch()
-    out_path = pathlib.Path(out_path)
-    out_path.parent.mkdir(parents=True, exist_ok=True)
-    payload = dict(flax_to_torch(variables), epoch=epoch)
-    tmp = out_path.with_name(out_path.name + ".partial")
-    torch.save(payload, tmp)
-    tmp.replace(out_path)
+    size = sum(np.asarray(v).nbytes for v in traverse_util.flatten_dict(variables).values())
+    with outputs.atomic_file(out_path, overwrite=overwrite, inputs=inputs, need_bytes=size,
+                             recognise=zipfile.is_zipfile) as staging:
+        payload = dict(flax_to_torch(variables), epoch=epoch)
+        with open(staging, "wb") as f:
+            torch.save(payload, f)
 
 
 def port_vgg19(path):
@@ -210,3 +216,38 @@ def port_vgg19(path):
                                   f"VGG-19 needs {needed}; {VGG19_FILE_HINT}")
         flat[flax_path] = np.asarray(to_flax_layout(state[key], flax_path), np.float32)
     return traverse_util.unflatten_dict(flat)
+
+
+def load_weights(checkpoint, config_spec=None, image_size=None):
+    """(config, variables) from a model directory, or from an upstream ``.pth.tar`` with the
+    model config ``config_spec`` (a preset name, upstream YAML or configs/*.py[:variant]).
+    ``image_size`` sets the resolution the model runs at."""
+    import dataclasses
+
+    from safetriage_jax import checkpoint as ckpt
+    from safetriage_jax.models.config import load_model_config
+    path = pathlib.Path(checkpoint)
+    if path.is_dir():
+        config, variables = ckpt.load_model(path)
+    elif not config_spec:
+        raise SafeTriageError(f"{path} is an upstream checkpoint: it needs the model config it "
+                              "was trained with (e.g. config/vox-256.yaml).")
+    else:
+        config = load_model_config(config_spec, image_size=image_size)
+        variables = port_checkpoint(path, config)
+    if image_size and image_size != config.image_size:
+        config = dataclasses.replace(config, image_size=image_size)
+    return config, variables
+
+
+def port_to_directory(checkpoint_path, config: TPSMMConfig, out_dir, *, safetensors=False,
+                      overwrite=False, inputs=()):
+    """Ports an upstream checkpoint into a model directory; the output is checked first (never
+    an input or a folder holding one; replaced only if it is a model directory)."""
+    from safetriage_jax import checkpoint as ckpt
+    inputs = (checkpoint_path, *inputs)
+    outputs.check_output(out_dir, folder=True, inputs=inputs, overwrite=overwrite,
+                         recognise=ckpt.is_model_directory)
+    variables = port_checkpoint(checkpoint_path, config)
+    return ckpt.save_model(out_dir, config, variables, safetensors=safetensors,
+                           overwrite=overwrite, inputs=inputs)

@@ -8,9 +8,11 @@ import av
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
+from safetriage_jax import outputs
 from safetriage_jax.errors import SafeTriageError
 
 MIN_SIDE = 32  # smaller inputs cannot carry a usable face
+TRUNCATION_SLACK = 0.02  # decoded frames may fall this far (and 2 frames) short of the header
 
 
 def _check_size(width, height, what):
@@ -26,11 +28,24 @@ def read_image(path):
         raise SafeTriageError(f"Image {path} does not exist.")
     try:
         with Image.open(path) as image:
-            rgb = np.asarray(image.convert("RGB"))
+            rgb = _to_rgb8(image)
     except (UnidentifiedImageError, OSError) as err:
         raise SafeTriageError(f"Could not read {path} as an image ({err}); pass a PNG or JPEG.") from None
     _check_size(rgb.shape[1], rgb.shape[0], f"Image {path}")
     return rgb
+
+
+def _to_rgb8(image):
+    """uint8 RGB by bit depth: 16-bit (and 32-bit integer) greyscale is scaled, not clipped."""
+    if image.mode.startswith("I"):  # "I;16", "I;16B", "I": 16-bit PNGs, whose white is 65535
+        grey = np.asarray(image).astype(np.float64)
+        peak = 65535.0 if grey.max(initial=0) <= 65535 else float(np.iinfo(np.int32).max)
+        grey = np.round(np.clip(grey, 0, peak) * (255.0 / peak)).astype(np.uint8)
+        return np.repeat(grey[..., None], 3, axis=-1)
+    if image.mode == "F":  # float greyscale: [0, 1]
+        grey = np.round(np.clip(np.asarray(image), 0, 1) * 255).astype(np.uint8)
+        return np.repeat(grey[..., None], 3, axis=-1)
+    return np.asarray(image.convert("RGB"))
 
 
 class VideoReader:
@@ -59,8 +74,12 @@ class VideoReader:
 
     @property
     def num_frames(self):
-        """Frame count from the container header (None when it does not say)."""
-        return self._stream.frames or None
+        """Frame count from the container header, else from its duration (None when neither)."""
+        if self._stream.frames:
+            return self._stream.frames
+        if self._stream.duration and self._stream.time_base:
+            return round(float(self._stream.duration * self._stream.time_base * self.fps)) or None
+        return None
 
     def __iter__(self):
         count = 0
@@ -75,6 +94,11 @@ class VideoReader:
                                   f"({err}).") from None
         if count == 0:
             raise SafeTriageError(f"{self.path} has no decodable video frames.")
+        expected = self.num_frames
+        if expected and count < expected * (1 - TRUNCATION_SLACK) - 2:
+            raise SafeTriageError(f"{self.path} is truncated or damaged: its header announces "
+                                  f"{expected} frames but only {count} could be decoded. Use the "
+                                  "complete file.")
 
     def close(self):
         self._container.close()
@@ -86,45 +110,55 @@ class VideoReader:
         self.close()
 
 
+def is_video(path):
+    """Whether ``path`` opens as a file with a video stream (an output this tool may replace)."""
+    try:
+        with av.open(str(path)) as container:
+            return bool(container.streams.video)
+    except (av.error.FFmpegError, UnicodeDecodeError, OSError):
+        return False
+
+
 @contextlib.contextmanager
-def video_writer(path, fps, width, height, crf=18, audio_from=None):
+def video_writer(path, fps, width, height, crf=18, audio_from=None, *, overwrite=False, inputs=()):
     """Yields ``write(frames_NHW3_uint8)``; the h264 mp4 appears at ``path`` only on success.
 
     Only the video stream is written, unless ``audio_from`` names a file whose first audio track
     is then re-encoded as AAC alongside; no metadata is copied from anywhere. h264 needs even
-    sides, so an odd width or height gets one replicated column or row.
+    sides, so an odd width or height gets one replicated column or row. ``overwrite`` and
+    ``inputs``: as for :func:`safetriage_jax.outputs.check_output` (an existing video only).
     """
     pad = ((0, height % 2), (0, width % 2), (0, 0))
     width, height = width + width % 2, height + height % 2
-    path = pathlib.Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.stem}.partial{path.suffix}")
-    container = av.open(str(tmp), mode="w")
-    try:
-        stream = container.add_stream("libx264", rate=fractions.Fraction(fps).limit_denominator(1001))
-        stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"
-        stream.options = {"crf": str(crf)}
-        audio = _AudioCopy(audio_from, container) if audio_from is not None else None
+    inputs = (*inputs, audio_from)
+    with outputs.atomic_file(path, overwrite=overwrite, inputs=inputs, recognise=is_video) as tmp:
+        container = av.open(str(tmp), mode="w")
+        written = 0
+        try:
+            stream = container.add_stream("libx264",
+                                          rate=fractions.Fraction(fps).limit_denominator(1001))
+            stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"
+            stream.options = {"crf": str(crf)}
+            audio = _AudioCopy(audio_from, container) if audio_from is not None else None
 
-        def write(frames_NHW3):
-            for frame in frames_NHW3:
-                if any(pad[0] + pad[1]):
-                    frame = np.pad(frame, pad, mode="edge")
-                video_frame = av.VideoFrame.from_ndarray(np.ascontiguousarray(frame), format="rgb24")
-                container.mux(stream.encode(video_frame))
+            def write(frames_NHW3):
+                nonlocal written
+                for frame in frames_NHW3:
+                    if any(pad[0] + pad[1]):
+                        frame = np.pad(frame, pad, mode="edge")
+                    video_frame = av.VideoFrame.from_ndarray(np.ascontiguousarray(frame),
+                                                             format="rgb24")
+                    container.mux(stream.encode(video_frame))
+                    written += 1
 
-        yield write
-        container.mux(stream.encode(None))
-        if audio is not None:
-            audio.copy()
-        container.close()
-        if not tmp.exists():
-            raise SafeTriageError(f"No frames were written, so {path} was not created.")
-        tmp.replace(path)
-    except BaseException:
-        container.close()
-        tmp.unlink(missing_ok=True)
-        raise
+            yield write
+            if not written:
+                raise SafeTriageError(f"No frames were written, so {path} was not created.")
+            container.mux(stream.encode(None))
+            if audio is not None:
+                audio.copy()
+        finally:
+            container.close()
 
 
 class _AudioCopy:
@@ -135,7 +169,7 @@ class _AudioCopy:
         self.source = av.open(str(source_path))
         if not self.source.streams.audio:
             self.source.close()
-            raise SafeTriageError(f"{source_path} has no audio track to keep; drop --keep-audio.")
+            raise SafeTriageError(f"{source_path} has no audio track to keep; do not ask for audio.")
         self.input = self.source.streams.audio[0]
         rate = self.input.codec_context.sample_rate or 48000
         self.output = container.add_stream("aac", rate=rate)
@@ -152,7 +186,7 @@ class _AudioCopy:
             self.container.mux(self.output.encode(None))
         except av.error.FFmpegError as err:
             raise SafeTriageError(f"Could not copy the audio of {self.source.name} ({err}); "
-                                  "drop --keep-audio.") from None
+                                  "write the video without audio.") from None
         finally:
             self.source.close()
 

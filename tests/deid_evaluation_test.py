@@ -11,6 +11,7 @@ from safetriage_jax.deid import baselines
 from safetriage_jax.deid.evaluation import evaluate_deid
 from safetriage_jax.deid.faces import crop_square
 from safetriage_jax.errors import SafeTriageError
+from safetriage_jax.outputs import OutputExistsError
 from safetriage_jax.video import VideoReader, read_image, video_writer
 
 FRAMES, STRIDE = 12, 14  # spread over driving.mp4: more motion than landmark jitter
@@ -87,15 +88,19 @@ def test_the_report_is_written_and_parses(itself):
     assert page.count("data:image/png;base64,") == 4 and "pixelate" in page
 
 
-def test_a_rerun_replaces_only_its_own_files(tmp_path, clip):
+def test_a_rerun_replaces_its_own_report_only_when_asked(tmp_path, clip):
     report = tmp_path / "report"
-    report.mkdir()
-    (report / "deid.json").write_text("{}")
-    (report / "metrics.json").write_text("old")
     evaluate_deid(clip, clip, report, baselines=(), max_frames=2, progress=False)
-    assert (report / "deid.json").read_text() == "{}"
-    assert json.loads((report / "metrics.json").read_text())["frames"] == 2
-    assert not [p for p in report.iterdir() if p.name.startswith(".")]
+    with pytest.raises(OutputExistsError):
+        evaluate_deid(clip, clip, report, baselines=(), max_frames=3, progress=False)
+    evaluate_deid(clip, clip, report, baselines=(), max_frames=3, overwrite=True, progress=False)
+    assert json.loads((report / "metrics.json").read_text())["frames"] == 3
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
+    (report / "notes.txt").write_text("the clinician's own file")
+    with pytest.raises(SafeTriageError, match="not a folder this tool wrote"):
+        evaluate_deid(clip, clip, report, baselines=(), max_frames=2, overwrite=True,
+                      progress=False)
+    assert (report / "notes.txt").is_file()
 
 
 def test_another_person_is_not_reidentified(tmp_path, clip):

@@ -15,9 +15,11 @@ import pathlib
 import numpy as np
 from tqdm.auto import tqdm
 
+from safetriage_jax import outputs
 from safetriage_jax.deid import landmarks
 from safetriage_jax.deid.baselines import BASELINES
-from safetriage_jax.deid.faces import SAME_PERSON_DISTANCE, FaceTracker, face_models, find_faces
+from safetriage_jax.deid.faces import (SAME_PERSON_DISTANCE, FaceTracker, TrackRun, face_models,
+                                      find_faces)
 from safetriage_jax.errors import SafeTriageError
 from safetriage_jax.video import VideoReader, read_image
 
@@ -33,74 +35,86 @@ MIN_SERIES = 2  # frames needed before a correlation is reported
 class Analysis:
     """One video's faces: per-frame landmarks (NaN where not detected) and embeddings."""
 
-    frames: object  # a sequence of (H, W, 3) uint8 frames (plain list, or Treated)
+    frames: dict  # {frame index: (H, W, 3) uint8}: the few frames the report shows
     landmarks_T68x2: np.ndarray
     detected_T: np.ndarray
     embeddings_T128: np.ndarray  # NaN where no embedding could be made
 
 
-class Treated:
-    """The original frames with a baseline applied, computed on access (no second copy held)."""
-
-    def __init__(self, frames, boxes_T4, treat):
-        self.frames, self.boxes_T4, self.treat = frames, boxes_T4, treat
-
-    def __len__(self):
-        return len(self.frames)
-
-    def __getitem__(self, t):
-        return self.treat(self.frames[t], self.boxes_T4[t])
-
-    def __iter__(self):
-        return (self[t] for t in range(len(self)))
+def masked(analysis, boxes_T4):
+    """The analysis with its frames' faces blacked out (whole frame where no face was found):
+    what a shareable report shows of the original."""
+    frames = {t: BASELINES["mask"](frame, boxes_T4[t]) for t, frame in analysis.frames.items()}
+    return dataclasses.replace(analysis, frames=frames)
 
 
 def read_frames(path, stride=1, max_frames=None):
     """Every ``stride``-th frame (at most ``max_frames`` of them) and the video's fps."""
-    frames = []
     with VideoReader(path) as reader:
-        fps = float(reader.fps)
-        for index, frame in enumerate(reader):
-            if index % stride == 0:
-                frames.append(frame)
-                if max_frames is not None and len(frames) >= max_frames:
-                    break
-    return frames, fps
+        return list(strided(reader, stride, max_frames)), float(reader.fps)
 
 
-def analyse(frames, fps, fallback_boxes_T4=None, own_fallback=False, progress=None):
-    """Tracks the face and embeds it in every frame.
+def strided(frames, stride=1, max_frames=None):
+    """Every ``stride``-th frame of an iterable, at most ``max_frames`` of them."""
+    kept = 0
+    for index, frame in enumerate(frames):
+        if index % stride == 0:
+            yield frame
+            kept += 1
+            if max_frames is not None and kept >= max_frames:
+                return
+
+
+class FrameSample:
+    """At most ``2 * rows`` frames spread evenly over a stream of unknown length: every
+    ``step``-th, the step doubling whenever too many are held."""
+
+    def __init__(self, rows=4):
+        self.limit, self.step, self.frames = 2 * rows, 1, {}
+
+    def offer(self, t, frames_by_name):
+        if t % self.step:
+            return
+        self.frames[t] = frames_by_name
+        if len(self.frames) > self.limit:
+            self.step *= 2
+            self.frames = {k: v for k, v in self.frames.items() if k % self.step == 0}
+
+    def of(self, name):
+        return {t: frames[name] for t, frames in self.frames.items()}
+
+
+class Analyser:
+    """Tracks and embeds one video's face a frame at a time, keeping no frames.
 
     Where no face is detected, an attacker who knows where it is still fits landmarks there
-    and embeds them: at ``fallback_boxes_T4`` (the original's boxes, for same-size videos) or,
-    with ``own_fallback``, at this video's last detected box. Returns (Analysis, FaceTrack).
+    and embeds them: at the ``fallback_4`` passed with the frame (the original's box, for
+    same-size videos) or, with ``own_fallback``, at this video's last detected box.
     """
-    models = face_models()
-    track = FaceTracker(models).track(frames, fps, progress=progress)
-    if own_fallback:
-        fallback_boxes_T4 = _forward_fill(track.boxes_T4)
-    embeddings_T128 = np.full((len(track.boxes_T4), 128), np.nan)
-    for t, frame in enumerate(frames):
-        marks_68x2 = track.landmarks_T68x2[t]
-        if not track.found_T[t]:
-            box_4 = np.full(4, np.nan) if fallback_boxes_T4 is None else fallback_boxes_T4[t]
-            marks_68x2 = None if np.isnan(box_4).any() else models.landmarks(frame, box_4)
-        if marks_68x2 is not None:
-            embeddings_T128[t] = models.embedding(frame, marks_68x2)
-        if progress is not None:
-            progress.update(1)
-    return Analysis(frames, track.landmarks_T68x2, track.found_T, embeddings_T128), track
 
+    def __init__(self, fps, own_fallback=False):
+        self.models = face_models()
+        self.run = TrackRun(FaceTracker(self.models), fps)
+        self.own_fallback, self.last_box, self.embeddings = own_fallback, None, []
 
-def _forward_fill(boxes_T4):
-    """Each frame's box, or the last one detected before it (NaN before the first)."""
-    filled, last = boxes_T4.copy(), np.full(4, np.nan)
-    for t in range(len(filled)):
-        if np.isnan(filled[t]).any():
-            filled[t] = last
+    def add(self, frame, fallback_4=None):
+        """Analyses the next frame; returns its face box (None if not detected)."""
+        box, marks_68x2 = self.run.add(frame)
+        if box is None:
+            fallback_4 = self.last_box if self.own_fallback else fallback_4
+            if fallback_4 is not None and not np.isnan(fallback_4).any():
+                marks_68x2 = self.models.landmarks(frame, fallback_4)
         else:
-            last = filled[t]
-    return filled
+            self.last_box = box
+        self.embeddings.append(self.models.embedding(frame, marks_68x2) if marks_68x2 is not None
+                               else np.full(128, np.nan))
+        return box
+
+    def result(self, frames):
+        """(Analysis holding ``frames``, FaceTrack)."""
+        track = self.run.result()
+        embeddings_T128 = np.array(self.embeddings).reshape(-1, 128)
+        return Analysis(frames, track.landmarks_T68x2, track.found_T, embeddings_T128), track
 
 
 def _embed_largest_face(image_HW3):
@@ -281,46 +295,49 @@ def _check_arguments(baselines, max_frames, stride):
 
 
 def evaluate_deid(original_path, deid_path, report_dir, *, identity_path=None, gallery_dir=None,
-                  baselines=("blur", "pixelate", "mask"), max_frames=None, stride=1, progress=True):
+                  baselines=("blur", "pixelate", "mask"), max_frames=None, stride=1,
+                  overwrite=False, show_original=False, extra_json=None, progress=True):
     """Evaluates ``deid_path`` against ``original_path`` and the baselines, writes the report
     (metrics.json, report.html, PNG plots) into ``report_dir`` and returns the metrics.
+
+    The report names files, not folders; its frames.png shows the original with the face
+    masked unless ``show_original``. ``overwrite`` replaces an earlier report folder;
+    ``extra_json`` ({file name: dict}) is written into the folder too.
 
     The returned dict is what metrics.json holds, plus "series": per method, the per-frame
     plot signals as NumPy arrays (metrics.json keeps only the asymmetry ones).
     """
     from safetriage_jax.deid.report import write_report
+    from safetriage_jax.deid.report import is_report
     baselines = tuple(baselines)
     _check_arguments(baselines, max_frames, stride)
+    inputs = (original_path, deid_path, identity_path, gallery_dir)
+    outputs.check_output(report_dir, folder=True, inputs=inputs, overwrite=overwrite,
+                         recognise=is_report)
     gallery, notes = gallery_embeddings(identity_path, gallery_dir)
-    original_frames, fps = read_frames(original_path, stride, max_frames)
-    deid_frames, _ = read_frames(deid_path, stride, max_frames)
-    if len(deid_frames) != len(original_frames):
-        count = min(len(deid_frames), len(original_frames))
-        notes.append(f"The videos differ in length ({len(original_frames)} original vs "
-                     f"{len(deid_frames)} de-identified frames read); the first {count} are "
-                     "compared.")
-        original_frames, deid_frames = original_frames[:count], deid_frames[:count]
-    bar = tqdm(total=2 * len(original_frames) * (2 + len(baselines)), unit="frame",
-               desc="evaluate", disable=not progress)
-    with bar:
-        original, track = analyse(original_frames, fps, progress=bar)
-        if not original.detected_T.any():
-            raise SafeTriageError(f"No face found in the original video {original_path} "
-                                  f"({len(original_frames)} frames searched), so there is nothing "
-                                  "to compare; check that the right file was passed.")
-        notes = track.notes + notes
-        gallery = {"original": np.mean(original.embeddings_T128[original.detected_T], 0), **gallery}
-        if len(gallery) < 2:
-            notes.append("The gallery holds only the original person, so every rank is 1; pass "
-                         "an identity image and/or a gallery folder for a meaningful attack.")
-        # The attacker looks where the original's face is when the geometry matches (baselines,
-        # paste-back); in a face-crop video, where that video last showed a face.
-        same_size = deid_frames[0].shape == original_frames[0].shape
-        methods = {"deid": analyse(deid_frames, fps, track.boxes_T4 if same_size else None,
-                                   own_fallback=not same_size, progress=bar)[0]}
-        for name in baselines:
-            treated = Treated(original_frames, track.boxes_T4, BASELINES[name])
-            methods[name] = analyse(treated, fps, track.boxes_T4, progress=bar)[0]
+    with VideoReader(original_path) as original_reader, VideoReader(deid_path) as deid_reader:
+        fps = float(original_reader.fps)
+        total = original_reader.num_frames
+        total = -(-total // stride) if total else None
+        total = min(total, max_frames) if total and max_frames else total or max_frames
+        bar = tqdm(total=total, unit="frame", desc="evaluate", disable=not progress)
+        with bar:
+            original_frames = strided(original_reader, stride, max_frames)
+            deid_frames = strided(deid_reader, stride, max_frames)
+            original, methods, sample, notes_length = _analyse_streams(
+                original_frames, deid_frames, fps, baselines, bar)
+    notes += notes_length
+    original, track = original
+    if not original.detected_T.any():
+        raise SafeTriageError(f"No face found in the original video {original_path} "
+                              f"({len(original.detected_T)} frames searched), so there is "
+                              "nothing to compare; check that the right file was passed.")
+    methods = {name: analyser.result(sample.of(name))[0] for name, analyser in methods.items()}
+    notes = track.notes + notes
+    gallery = {"original": np.mean(original.embeddings_T128[original.detected_T], 0), **gallery}
+    if len(gallery) < 2:
+        notes.append("The gallery holds only the original person, so every rank is 1; pass "
+                     "an identity image and/or a gallery folder for a meaningful attack.")
     results, all_series = {}, {"original": series(original)}
     for name, method in methods.items():
         privacy_metrics, distance_T = privacy(original, method, gallery)
@@ -328,11 +345,53 @@ def evaluate_deid(original_path, deid_path, report_dir, *, identity_path=None, g
                          "asymmetry": asymmetry(original, method)}
         all_series[name] = {**series(method), "distance": distance_T}
     metrics = {
-        "original": str(original_path), "deid": str(deid_path), "frames": len(original_frames),
+        "original": pathlib.Path(original_path).name, "deid": pathlib.Path(deid_path).name,
+        "frames": len(original.detected_T),
         "stride": stride, "fps": fps / stride,
         "original_face_frames": int(original.detected_T.sum()),
         "same_person_threshold": SAME_PERSON_DISTANCE, "notes": notes, "gallery": list(gallery),
         "methods": results, "series": all_series,
     }
-    write_report(report_dir, metrics, {"original": original, **methods})
+    shown = original if show_original else masked(original, track.boxes_T4)
+    write_report(report_dir, metrics, {"original": shown, **methods}, extra_json=extra_json,
+                 overwrite=overwrite, inputs=inputs)
     return metrics
+
+
+def _analyse_streams(original_frames, deid_frames, fps, baselines, bar):
+    """One pass over both videos, a frame of each at a time: the original, the de-identified
+    video and each baseline (applied to the original frame) are tracked and embedded.
+
+    Returns ((original Analysis, its FaceTrack), {method: Analyser}, FrameSample, notes)."""
+    original = Analyser(fps)
+    methods, sample, count = {}, FrameSample(), 0
+    while True:
+        original_frame, deid_frame = next(original_frames, None), next(deid_frames, None)
+        if original_frame is None or deid_frame is None:
+            break
+        if not methods:
+            # The attacker looks where the original's face is when the geometry matches
+            # (baselines, paste-back); in a face-crop video, where that video last showed a face.
+            same_size = deid_frame.shape == original_frame.shape
+            methods = {"deid": Analyser(fps, own_fallback=not same_size),
+                       **{name: Analyser(fps) for name in baselines}}
+        box = original.add(original_frame)
+        box_4 = np.full(4, np.nan) if box is None else box
+        shown = {"original": original_frame, "deid": deid_frame}
+        methods["deid"].add(deid_frame, box_4 if not methods["deid"].own_fallback else None)
+        for name in baselines:
+            shown[name] = BASELINES[name](original_frame, box_4)
+            methods[name].add(shown[name], box_4)
+        sample.offer(count, shown)
+        count += 1
+        bar.update(1)
+    if count == 0:
+        raise SafeTriageError("The videos hold no frames to compare.")
+    rest_original = (original_frame is not None) + sum(1 for _ in original_frames)
+    rest_deid = (deid_frame is not None) + sum(1 for _ in deid_frames)
+    notes = []
+    if rest_original or rest_deid:
+        notes.append(f"The videos differ in length ({count + rest_original} original vs "
+                     f"{count + rest_deid} de-identified frames read); the first {count} are "
+                     "compared.")
+    return original.result(sample.of("original")), methods, sample, notes

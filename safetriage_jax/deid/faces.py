@@ -225,35 +225,55 @@ class FaceTracker:
 
     def track(self, frames, fps, progress=None):
         """Runs over an iterable of (H, W, 3) uint8 frames; returns a FaceTrack."""
-        boxes, marks, notes = [], [], []
-        crowded, last, misses = [], None, 0
-        width = height = 0
-        for index, frame in enumerate(frames):
-            height, width = frame.shape[:2]
-            box = self._around(frame, last) if last is not None else None
-            skip = misses >= self.lost_after and misses % self.lost_every
-            if (box is None and not skip) or index % self.recheck_every == 0:
-                found, _ = find_faces(self.models, frame)
-                if len(found) > 1:
-                    crowded.append(index)
-                if box is None and len(found):
-                    if last is not None:  # lost: prefer the face where ours was, else the largest
-                        overlap = box_iou(last, found)
-                        box = found[int(np.argmax(overlap))] if overlap.max() >= self.min_iou else found[0]
-                    else:
-                        box = found[0]
-            last = box if box is not None else last
-            misses = 0 if box is not None else misses + 1
-            boxes.append(box if box is not None else np.full(4, np.nan))
-            marks.append(self.models.landmarks(frame, box) if box is not None
-                         else np.full((68, 2), np.nan))
+        run = TrackRun(self, fps)
+        for frame in frames:
+            run.add(frame)
             if progress is not None:
                 progress.update(1)
-        if crowded:
-            notes.append(f"{len(crowded)} checked frame(s) show more than one face (first at frame "
-                         f"{crowded[0]}); the largest face is the one followed.")
-        track = FaceTrack(np.array(boxes).reshape(-1, 4), np.array(marks).reshape(-1, 68, 2),
-                          width, height, float(fps), notes)
+        return run.result()
+
+
+class TrackRun:
+    """One pass of a FaceTracker over a stream of frames, a frame at a time (nothing kept but
+    boxes and landmarks)."""
+
+    def __init__(self, tracker, fps):
+        self.tracker, self.fps = tracker, float(fps)
+        self.boxes, self.marks, self.crowded = [], [], []
+        self.last, self.misses, self.width, self.height = None, 0, 0, 0
+
+    def add(self, frame):
+        """Tracks the face into the next frame; returns (box_4, landmarks_68x2), None if lost."""
+        tracker, index = self.tracker, len(self.boxes)
+        self.height, self.width = frame.shape[:2]
+        box = tracker._around(frame, self.last) if self.last is not None else None
+        skip = self.misses >= tracker.lost_after and self.misses % tracker.lost_every
+        if (box is None and not skip) or index % tracker.recheck_every == 0:
+            found, _ = find_faces(tracker.models, frame)
+            if len(found) > 1:
+                self.crowded.append(index)
+            if box is None and len(found):
+                if self.last is not None:  # lost: prefer the face where ours was, else the largest
+                    overlap = box_iou(self.last, found)
+                    box = found[int(np.argmax(overlap))] if overlap.max() >= tracker.min_iou else found[0]
+                else:
+                    box = found[0]
+        self.last = box if box is not None else self.last
+        self.misses = 0 if box is not None else self.misses + 1
+        marks = tracker.models.landmarks(frame, box) if box is not None else None
+        self.boxes.append(box if box is not None else np.full(4, np.nan))
+        self.marks.append(marks if marks is not None else np.full((68, 2), np.nan))
+        return box, marks
+
+    def result(self):
+        """The FaceTrack so far, with notes on crowded frames and small faces."""
+        notes = []
+        if self.crowded:
+            notes.append(f"{len(self.crowded)} checked frame(s) show more than one face (first at "
+                         f"frame {self.crowded[0]}); the largest face is the one followed.")
+        track = FaceTrack(np.array(self.boxes).reshape(-1, 4),
+                          np.array(self.marks).reshape(-1, 68, 2), self.width, self.height,
+                          self.fps, notes)
         found = track.found_T
         if found.any():
             sizes = np.sqrt(box_area(track.boxes_T4[found]))

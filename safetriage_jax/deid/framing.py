@@ -11,6 +11,7 @@ import numpy as np
 from scipy.ndimage import gaussian_filter1d
 
 from safetriage_jax.deid.faces import box_area, resize
+from safetriage_jax.errors import SafeTriageError
 
 BLANK, FACE, FILLED = 0, 1, 2
 
@@ -22,6 +23,20 @@ class FramingOptions:
     smooth_seconds: float = 0.1  # Gaussian sigma of the crop path (removes detector jitter)
     max_gap_seconds: float = 0.2  # detection gaps up to this long are interpolated, longer ones blanked
     feather: float = 0.1  # width of the paste-back blend, as a fraction of the crop side
+    cover_margin: float = 0.1  # paste-back must cover the 68-point outline grown by this share
+
+    def __post_init__(self):
+        for name, low, high in RANGES:
+            value = getattr(self, name)
+            if not (isinstance(value, (int, float)) and low <= value <= high):
+                raise SafeTriageError(f"The framing option {name} must be between {low} and {high} "
+                                      f"(got {value!r}).")
+
+
+# Allowed ranges: a smaller crop cannot hold the face and its surroundings, a wider feather
+# leaves no opaque middle, and a negative margin would accept a partly covered face.
+RANGES = (("scale", 1.2, 5.0), ("raise_by", -0.5, 0.5), ("smooth_seconds", 0.0, 2.0),
+          ("max_gap_seconds", 0.0, 5.0), ("feather", 0.01, 0.4), ("cover_margin", 0.0, 1.0))
 
 
 @dataclasses.dataclass
@@ -92,3 +107,39 @@ def paste(frame_HW3, face_SS3, center_2, side, feather):
     blended = region * (1 - w) + face[fy0:fy1, fx0:fx1] * w
     out[y0 + fy0:y0 + fy1, x0 + fx0:x0 + fx1] = np.round(blended).astype(np.uint8)
     return out
+
+
+def _opaque(center_2, side, feather, points_N2):
+    """Whether every point lies where :func:`paste` blends with full weight (same rounding)."""
+    side = max(int(round(side)), 2)
+    corner_2 = np.round(np.asarray(center_2) - side / 2)
+    u_N2 = (points_N2 - corner_2) / (side - 1) * 2 - 1  # feather_mask's [-1, 1] coordinates
+    radius_N = (np.abs(u_N2) ** 4).sum(-1) ** 0.25
+    return bool(np.all((1 - radius_N) / (2 * feather) >= 1))
+
+
+def face_outline(landmarks_68x2, margin):
+    """The 68 landmarks pushed out from their centre by ``margin`` of their extent."""
+    center_2 = landmarks_68x2.mean(0)
+    return center_2 + (landmarks_68x2 - center_2) * (1 + margin)
+
+
+def uncovered_frames(plan, landmarks_T68x2, options=FramingOptions()):
+    """Frames whose paste-back would leave part of the face (its outline with a margin) showing.
+
+    A frame with a detected face is checked against its own landmarks; a FILLED frame against
+    the nearest detected frames before and after it. Returns a boolean mask over the frames.
+    """
+    found_T = ~np.isnan(landmarks_T68x2[:, 0, 0])
+    detected = np.flatnonzero(found_T)
+    uncovered_T = np.zeros(len(plan.status_T), bool)
+    for t in np.flatnonzero(plan.status_T != BLANK):
+        if found_T[t]:
+            neighbours = [t]
+        else:
+            at = np.searchsorted(detected, t)
+            neighbours = list(detected[max(at - 1, 0):at + 1])
+        uncovered_T[t] = not neighbours or not all(
+            _opaque(plan.centers_T2[t], plan.sides_T[t], options.feather,
+                    face_outline(landmarks_T68x2[n], options.cover_margin)) for n in neighbours)
+    return uncovered_T

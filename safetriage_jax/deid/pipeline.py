@@ -8,22 +8,21 @@ for: audio and metadata are dropped (a voice or a recording's tags can identify 
 """
 
 import dataclasses
-import json
-import os
 import pathlib
-import tempfile
 import time
 
 import numpy as np
 from tqdm.auto import tqdm
 
-from safetriage_jax.animate import Animator
+from safetriage_jax import outputs
+from safetriage_jax.animate import MODES, Animator, check_batch_size
 from safetriage_jax.checkpoint import load_model, load_prompt
 from safetriage_jax.deid import landmarks
-from safetriage_jax.deid.faces import FaceTracker, crop_square, face_models, find_faces
-from safetriage_jax.deid.framing import BLANK, FramingOptions, paste, plan_crops, runs
+from safetriage_jax.deid.faces import DETECTORS, FaceTracker, crop_square, face_models, find_faces
+from safetriage_jax.deid.framing import (BLANK, FramingOptions, paste, plan_crops, runs,
+                                        uncovered_frames)
 from safetriage_jax.errors import SafeTriageError
-from safetriage_jax.video import VideoReader, read_image, video_writer
+from safetriage_jax.video import VideoReader, is_video, read_image, video_writer
 
 REFERENCES = ("first", "neutral", "best")
 
@@ -41,11 +40,12 @@ class DeidOptions:
 
 
 def _check(options):
-    if options.batch_size < 1:
-        raise SafeTriageError(f"--batch must be at least 1 (got {options.batch_size}).")
-    if options.reference not in REFERENCES:
-        raise SafeTriageError(f"Unknown reference {options.reference!r}; choose one of "
-                              f"{', '.join(REFERENCES)}.")
+    check_batch_size(options.batch_size)
+    choices = {"reference": REFERENCES, "mode": MODES, "detector": DETECTORS}
+    for name, allowed in choices.items():
+        if getattr(options, name) not in allowed:
+            raise SafeTriageError(f"Unknown {name} {getattr(options, name)!r}; choose one of "
+                                  f"{', '.join(allowed)}.")
 
 
 def identity_face(path, size, framing, models):
@@ -123,15 +123,32 @@ def _ranges(mask_T, fps):
             for a, b in runs(mask_T)]
 
 
+def check_outputs(input_path, identity_path, out_path, model_dir, prompt_dir=None,
+                  report_dir=None, overwrite=False):
+    """Raises before any compute if the video or the report folder may not be written: an
+    output that is an input, exists (without ``overwrite``) or lies in an unwritable place."""
+    inputs = (input_path, identity_path, model_dir, prompt_dir)
+    outputs.check_output(out_path, inputs=inputs, overwrite=overwrite, recognise=is_video)
+    if report_dir is not None:
+        from safetriage_jax.deid.report import is_report
+        outputs.check_output(report_dir, folder=True, inputs=(*inputs, out_path),
+                             overwrite=overwrite, recognise=is_report)
+
+
 def deidentify(input_path, identity_path, out_path, model_dir, *, options=DeidOptions(),
-               prompt_dir=None, report_dir=None, progress=True):
+               prompt_dir=None, report_dir=None, overwrite=False, report_show_original=False,
+               progress=True):
     """Writes the de-identified video to ``out_path`` (atomically); returns a summary dict.
 
     ``prompt_dir``: a prompt generator from ``safetriage train-prompt`` that adapts the patient's
     frames for the backbone. With ``report_dir``, also writes ``deid.json`` there and the
-    privacy/utility evaluation.
+    privacy/utility evaluation (the original's face masked unless ``report_show_original``).
+    ``overwrite``: replace an existing output video / report this tool wrote (never an input).
+    With paste-back, a frame whose pasted square would not cover the whole face is blanked.
     """
     _check(options)
+    check_outputs(input_path, identity_path, out_path, model_dir, prompt_dir, report_dir,
+                  overwrite)
     start_time = time.perf_counter()
     config, variables = load_model(model_dir, warp_implementation=options.warp_implementation)
     prompt = load_prompt(prompt_dir) if prompt_dir is not None else None
@@ -153,6 +170,15 @@ def deidentify(input_path, identity_path, out_path, model_dir, *, options=DeidOp
     notes += track.notes
     track_done = time.perf_counter()
     plan = plan_crops(track.boxes_T4, fps, options.framing)
+    uncovered_T = np.zeros(track.num_frames, bool)
+    if options.paste_back:  # never write a frame where part of the original face would show
+        uncovered_T = uncovered_frames(plan, track.landmarks_T68x2, options.framing)
+        plan.status_T[uncovered_T] = BLANK
+        if not (track.found_T & (plan.status_T != BLANK)).any():
+            raise SafeTriageError(
+                f"At crop scale {options.framing.scale:g} the pasted face would not cover the "
+                f"patient's face in any frame of {input_path}; use a larger crop scale (default "
+                f"{FramingOptions().scale:g}). Nothing was written.")
     reference = choose_reference(track, plan, options.reference, identity_marks)
     reference_crop = crop_square(_frame_at(input_path, reference), plan.centers_T2[reference],
                                  plan.sides_T[reference], size)[0]
@@ -162,7 +188,8 @@ def deidentify(input_path, identity_path, out_path, model_dir, *, options=DeidOp
     blank = np.zeros((height, width, 3), np.uint8)
     audio_from = input_path if options.keep_audio else None
     with VideoReader(input_path) as reader, \
-            video_writer(out_path, reader.fps, width, height, audio_from=audio_from) as write:
+            video_writer(out_path, reader.fps, width, height, audio_from=audio_from,
+                         overwrite=overwrite, inputs=(input_path, identity_path)) as write:
         bar = tqdm(total=track.num_frames, unit="frame", desc="de-identify", disable=not progress)
         pending = None
         for entries, crops in _chunks(reader, plan, size, options.batch_size):
@@ -174,16 +201,23 @@ def deidentify(input_path, identity_path, out_path, model_dir, *, options=DeidOp
         bar.close()
 
     counts = plan.counts()
-    if counts["blank"]:
-        notes.append(f"{counts['blank']} frame(s) had no face nearby in time and were written black.")
+    if counts["blank"] > uncovered_T.sum():
+        notes.append(f"{counts['blank'] - uncovered_T.sum()} frame(s) had no face nearby in time "
+                     "and were written black.")
+    if uncovered_T.any():
+        notes.append(f"{int(uncovered_T.sum())} frame(s) were written black because the pasted "
+                     "face would not have covered the whole face (outline with a margin); a "
+                     "larger crop scale keeps more of them.")
     end_time = time.perf_counter()
     seconds = end_time - start_time
     summary = {
-        "input": str(input_path), "identity": str(identity_path), "output": str(out_path),
-        "model": str(model_dir), "prompt": None if prompt_dir is None else str(prompt_dir),
+        # file names only: a report is shared, and folder names often identify the patient
+        "input": _name(input_path), "identity": _name(identity_path), "output": _name(out_path),
+        "model": _name(model_dir), "prompt": None if prompt_dir is None else _name(prompt_dir),
         "mode": options.mode, "paste_back": options.paste_back,
         "frames": track.num_frames, "fps": fps, "face_frames": counts["face"],
         "filled_frames": counts["filled"], "blank_frames": counts["blank"],
+        "uncovered_frames": int(uncovered_T.sum()),
         "blank_ranges": _ranges(plan.status_T == BLANK, fps),
         "reference": {"how": options.reference, "frame": reference},
         "audio": "kept (AAC)" if options.keep_audio else "dropped", "metadata": "dropped",
@@ -194,11 +228,15 @@ def deidentify(input_path, identity_path, out_path, model_dir, *, options=DeidOp
         "notes": notes,
     }
     if report_dir is not None:
-        _write_json(pathlib.Path(report_dir) / "deid.json", summary)
         from safetriage_jax.deid.evaluation import evaluate_deid
         evaluate_deid(input_path, out_path, report_dir, identity_path=identity_path,
-                      progress=progress)
+                      progress=progress, overwrite=overwrite, show_original=report_show_original,
+                      extra_json={"deid.json": summary})
     return summary
+
+
+def _name(path):
+    return pathlib.Path(path).name
 
 
 def _flush(write, pending, plan, options, blank, bar):
@@ -207,10 +245,3 @@ def _flush(write, pending, plan, options, blank, bar):
     write(_compose(entries, faces, plan, options.paste_back, options.framing.feather, blank))
     bar.update(len(entries))
 
-
-def _write_json(path, data):
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    with os.fdopen(fd, "w") as f:
-        json.dump(data, f, indent=2)
-    os.replace(tmp, path)

@@ -1,21 +1,19 @@
 """The evaluate-deid report: metrics.json, PNG plots and a self-contained report.html.
 
-Everything is built in a hidden staging folder and moved into place at the end, so a failed
-run leaves no half-written report; files in the report folder that are not ours (the
-pipeline's deid.json) are left alone.
+Everything is built in a hidden staging folder that replaces the report folder at the end, so a
+failed run leaves no half-written report. The report is meant to be shared: it names files, not
+folders, and frames.png shows the original with its face masked unless asked otherwise.
 """
 
 import base64
 import html
 import json
 import pathlib
-import shutil
-import uuid
 
 import numpy as np
 from PIL import Image
 
-from safetriage_jax.errors import SafeTriageError
+from safetriage_jax import outputs
 
 PLOTS = ("tracks.png", "asymmetry.png", "frames.png", "privacy_utility.png")
 STYLE = {"original": dict(color="black", linewidth=2.0), "deid": dict(color="tab:green"),
@@ -52,9 +50,10 @@ def plot_series(path, series, fps, keys, titles):
 
 
 def plot_frames(path, analyses, fps, rows=4, height=160):
-    """Side-by-side frames at evenly spaced times, detected landmarks drawn as dots."""
-    count = len(analyses["original"].frames)
-    times = np.unique(np.linspace(0, count - 1, rows).round().astype(int))
+    """Side-by-side frames at evenly spaced times, detected landmarks drawn as dots (each
+    analysis holds the same few frames, {frame index: frame})."""
+    kept = sorted(analyses["original"].frames)
+    times = [kept[i] for i in np.unique(np.linspace(0, len(kept) - 1, rows).round().astype(int))]
     plt, fig, axes = _figure(len(times), len(analyses), height=2.2,
                              width=max(6, 2.2 * len(analyses)))
     for r, t in enumerate(times):
@@ -174,32 +173,26 @@ def _write_files(folder, metrics, analyses):
     (folder / "report.html").write_text(html_page(metrics, images))
 
 
-def write_report(report_dir, metrics, analyses):
-    """Writes metrics.json, the PNGs and report.html into ``report_dir``; returns the page's path.
+REPORT_FILES = {*PLOTS, "metrics.json", "report.html", "deid.json"}
+
+
+def is_report(folder):
+    """Whether ``folder`` holds only files of a report this tool wrote (so it may be replaced)."""
+    names = {p.name for p in pathlib.Path(folder).iterdir()}
+    return "report.html" in names and names <= REPORT_FILES
+
+
+def write_report(report_dir, metrics, analyses, *, extra_json=None, overwrite=False, inputs=()):
+    """Writes metrics.json, the PNGs and report.html into ``report_dir``, whole or not at all;
+    returns the page's path. ``extra_json``: {file name: dict} written beside (deid.json).
 
     ``analyses`` maps "original", "deid" and each baseline to its evaluation.Analysis (frames
-    and landmarks, for frames.png).
+    and landmarks, for frames.png). ``overwrite`` replaces an earlier report (only a folder of
+    report files); ``inputs`` are never inside the folder.
     """
-    report_dir = pathlib.Path(report_dir)
-    if report_dir.exists() and not report_dir.is_dir():
-        raise SafeTriageError(f"The report folder {report_dir} is a file; pass a folder name.")
-    report_dir.parent.mkdir(parents=True, exist_ok=True)
-    fresh = not report_dir.exists()
-    # mkdir (not mkdtemp, which makes it private) so a fresh folder gets the usual permissions
-    parent = report_dir.parent if fresh else report_dir
-    staging = parent / f".{report_dir.name}.partial-{uuid.uuid4().hex[:8]}"
-    staging.mkdir()
-    try:
+    with outputs.atomic_directory(report_dir, overwrite=overwrite, inputs=inputs,
+                                  recognise=is_report) as staging:
         _write_files(staging, metrics, analyses)
-        if fresh:
-            try:
-                staging.rename(report_dir)  # the whole folder appears at once
-                return report_dir / "report.html"
-            except OSError:  # created meanwhile: fall back to moving the files in
-                pass
-        report_dir.mkdir(exist_ok=True)
-        for path in staging.iterdir():
-            path.replace(report_dir / path.name)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
-    return report_dir / "report.html"
+        for name, data in (extra_json or {}).items():
+            (staging / name).write_text(json.dumps(data, indent=2))
+    return pathlib.Path(report_dir) / "report.html"

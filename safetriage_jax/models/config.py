@@ -39,6 +39,7 @@ class TPSMMConfig:
     RUNTIME_FIELDS = ("warp_implementation",)
 
     def __post_init__(self):
+        _check_types(self)
         if self.warp_implementation is not None:
             from safetriage_jax.kernels.grid_sample import api
             known = sorted(set(api.IMPLEMENTATIONS) | set(api.UNAVAILABLE))
@@ -89,6 +90,49 @@ class TPSMMConfig:
         return cls(**dict(values))
 
 
+def _check_types(config):
+    """Raises unless every field holds its declared type (an int is also a valid float)."""
+    for field in dataclasses.fields(config):
+        value, kind = getattr(config, field.name), field.type
+        if kind == "str | None" or kind == (str | None):
+            ok = value is None or isinstance(value, str)
+        elif kind in (bool, "bool"):
+            ok = isinstance(value, bool)
+        elif kind in (int, "int"):
+            ok = isinstance(value, int) and not isinstance(value, bool)
+        else:  # float
+            ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+        if not ok:
+            name = getattr(kind, "__name__", str(kind))
+            raise SafeTriageError(f"The model config's {field.name} must be {name} (got "
+                                  f"{value!r}).")
+
+
+# The keys of upstream's model_params sections that map to TPSMMConfig (others are typos).
+YAML_KEYS = {
+    "common_params": {"num_tps", "num_channels", "bg", "multi_mask"},
+    "generator_params": {"block_expansion", "max_features", "num_down_blocks"},
+    "dense_motion_params": {"block_expansion", "max_features", "num_blocks", "scale_factor",
+                            "kp_variance"},
+    "avd_network_params": {"id_bottle_size", "pose_bottle_size"},
+}
+
+
+def _check_yaml_keys(path, params):
+    unknown_sections = sorted(set(params) - set(YAML_KEYS))
+    if unknown_sections:
+        raise SafeTriageError(f"{path}: unknown model_params section(s) {unknown_sections}; known "
+                              f"sections: {sorted(YAML_KEYS)}.")
+    for section, known in YAML_KEYS.items():
+        values = params.get(section) or {}
+        if not isinstance(values, dict):
+            raise SafeTriageError(f"{path}: model_params.{section} must be a mapping of keys.")
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise SafeTriageError(f"{path}: unknown key(s) {unknown} in model_params.{section}; "
+                                  f"known keys: {sorted(known)}.")
+
+
 def from_upstream_yaml(path, image_size=None) -> TPSMMConfig:
     """Reads upstream TPSMM's YAML (``model_params``); image size from the name (ted-384) or 256."""
     path = pathlib.Path(path)
@@ -98,6 +142,7 @@ def from_upstream_yaml(path, image_size=None) -> TPSMMConfig:
     try:
         raw = yaml.safe_load(path.read_text())
         params = raw["model_params"]
+        _check_yaml_keys(path, params)
         common = params["common_params"]
         gen = params["generator_params"]
         dense = params["dense_motion_params"]
@@ -113,16 +158,16 @@ def from_upstream_yaml(path, image_size=None) -> TPSMMConfig:
         image_size=image_size,
         num_tps=common["num_tps"],
         num_channels=common.get("num_channels", 3),
-        bg=bool(common.get("bg", False)),
-        multi_mask=bool(common.get("multi_mask", True)),
+        bg=common.get("bg", False),
+        multi_mask=common.get("multi_mask", True),
         generator_block_expansion=gen["block_expansion"],
         generator_max_features=gen["max_features"],
         num_down_blocks=gen["num_down_blocks"],
         dense_block_expansion=dense["block_expansion"],
         dense_max_features=dense["max_features"],
         dense_num_blocks=dense["num_blocks"],
-        scale_factor=float(dense.get("scale_factor", 1)),
-        kp_variance=float(dense.get("kp_variance", 0.01)),
+        scale_factor=dense.get("scale_factor", 1),
+        kp_variance=dense.get("kp_variance", 0.01),
         id_bottle_size=avd.get("id_bottle_size", 64),
         pose_bottle_size=avd.get("pose_bottle_size", 64),
     )
@@ -137,40 +182,101 @@ PRESETS = {
 }
 
 
+PROJECT_ROOT = pathlib.Path(__file__).resolve().parents[2]  # holds configs/ (editable install)
+CONFIGS_DIR = PROJECT_ROOT / "configs"
+
+
+def locate_config(path):
+    """A config file from the working directory, else from the project: ``configs/train.py``
+    and ``train.py`` both find the project's configs/train.py from any working directory."""
+    path = pathlib.Path(path).expanduser()
+    candidates = [path]
+    if not path.is_absolute():
+        candidates += [PROJECT_ROOT / path, CONFIGS_DIR / path.name]
+    for candidate in candidates:
+        if candidate.is_file():
+            return candidate
+    raise SafeTriageError(f"Config file {path} does not exist (looked in the working directory "
+                          f"and in {CONFIGS_DIR}).")
+
+
 def load_python_config(spec):
     """The ConfigDict of ``path/to/file.py[:arg]`` (its ``get_config(arg)``)."""
     import importlib.util
 
     path, _, arg = str(spec).partition(":")
-    path = pathlib.Path(path)
-    if not path.is_file():
-        raise SafeTriageError(f"Config file {path} does not exist.")
+    path = locate_config(path)
     module_spec = importlib.util.spec_from_file_location(f"_safetriage_config_{path.stem}", path)
     module = importlib.util.module_from_spec(module_spec)
     module_spec.loader.exec_module(module)
     try:
         return module.get_config(arg) if arg else module.get_config()
-    except (ValueError, KeyError, TypeError) as err:
-        raise SafeTriageError(f"Config {spec}: {err}") from None
+    except (ValueError, KeyError, TypeError, AttributeError) as err:
+        message = err.args[0] if isinstance(err, KeyError) and err.args else err
+        raise SafeTriageError(f"Config {spec}: {message}") from None
 
 
-def apply_override(c, override):
-    """``a.b=value``: the value is parsed as the type of the current one (tuples: ``1;2;3``)."""
-    key, _, text = override.partition("=")
-    *parents, leaf = key.split(".")
-    node = c
-    for name in parents:
-        node = node[name]
-    current = node[leaf]
-    if current is None:  # optional strings (e.g. model.warp_implementation): "none" unsets
-        value = None if text.lower() in ("", "none") else text
-    elif isinstance(current, bool):
-        value = text.lower() in ("1", "true", "yes")
-    elif isinstance(current, tuple):
-        value = tuple(type(current[0])(v) for v in text.split(";")) if text else ()
-    else:
-        value = type(current)(text)
-    node[leaf] = value
+TRUE, FALSE = ("true", "1", "yes"), ("false", "0", "no")
+
+
+def split_config_arg(arg, default):
+    """``VARIANT[,key=value,...]`` -> (variant, [overrides]); an empty variant is ``default``."""
+    variant, *overrides = str(arg).split(",")
+    return variant or default, [o for o in overrides if o]
+
+
+def apply_overrides(c, overrides):
+    """Applies ``a.b=value`` overrides (see :func:`parse_value`); raises ValueError naming the
+    known keys when a key does not exist, or the expected type when a value does not parse."""
+    for override in overrides:
+        key, sep, text = override.partition("=")
+        if not sep:
+            raise ValueError(f"Override {override!r} is not key=value.")
+        *parents, leaf = key.strip().split(".")
+        node = c
+        for depth, name in enumerate([*parents, leaf]):
+            if not hasattr(node, "keys") or name not in node:
+                known = sorted(node.keys()) if hasattr(node, "keys") else []
+                where = ".".join(parents[:depth]) or "the config"
+                raise ValueError(f"Unknown key {key!r}: {where} has no {name!r}; known keys: "
+                                 f"{', '.join(known)}.")
+            if depth < len(parents):
+                node = node[name]
+        try:
+            node[leaf] = parse_value(node[leaf], text.strip())
+        except ValueError as err:
+            raise ValueError(f"{key}: {err}") from None
+
+
+def parse_value(current, text):
+    """``text`` parsed as the type of ``current``: booleans true/false/1/0/yes/no, integers
+    without a fraction, tuples as ``1;2;3``, optional strings with ``none`` to unset."""
+    if current is None or isinstance(current, str):
+        return None if current is None and text.lower() in ("", "none") else text
+    if isinstance(current, bool):
+        if text.lower() in TRUE + FALSE:
+            return text.lower() in TRUE
+        raise ValueError(f"expected a boolean (true/false/1/0/yes/no), got {text!r}.")
+    if isinstance(current, tuple):
+        if not text:
+            return ()
+        kind = type(current[0]) if current else str
+        return tuple(parse_value(kind(), part.strip()) if kind is not str else part
+                     for part in text.split(";"))
+    if isinstance(current, int):
+        try:
+            return int(text)
+        except ValueError:
+            raise ValueError(f"expected an integer, got {text!r}.") from None
+    if isinstance(current, float):
+        try:
+            return float(text)
+        except ValueError:
+            raise ValueError(f"expected a number, got {text!r}.") from None
+    if hasattr(current, "keys"):
+        raise ValueError(f"is a group of keys ({', '.join(sorted(current.keys()))}); set one of "
+                         "them, e.g. key.sub=value.")
+    raise ValueError(f"cannot be set from text (it is a {type(current).__name__}).")
 
 
 def _from_python_config(spec):

@@ -85,3 +85,20 @@ def evaluate(model_config, variables, clips, *, num_clips=16, batch_size=16, pro
     """Mean held-out metrics of one model (see :class:`Evaluator`)."""
     return Evaluator(model_config, variables, batch_size)(variables, clips, num_clips=num_clips,
                                                            progress=progress)
+
+
+def evaluate_model_directory(config, model_dir, *, split="test", num_clips=None, progress=True):
+    """Mean held-out metrics of the model in ``model_dir`` on ``config``'s dataset (a training
+    ConfigDict); the model must run at the resolution of the dataset's clips."""
+    from safetriage_jax.checkpoint import load_model
+    from safetriage_jax.errors import SafeTriageError
+    from safetriage_jax.train.loop import open_dataset
+    model_config, variables = load_model(
+        model_dir, warp_implementation=config.model.get("warp_implementation"))
+    if model_config.image_size != config.data.size:
+        raise SafeTriageError(f"The model in {model_dir} runs at {model_config.image_size} px but "
+                              f"the config's clips are {config.data.size} px; evaluate it with "
+                              "the config it was trained with.")
+    clips, _ = open_dataset(config, split)
+    return evaluate(model_config, variables, clips, num_clips=num_clips or config.eval.num_clips,
+                    batch_size=config.eval.batch_size, progress=progress)

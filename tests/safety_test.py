@@ -1,0 +1,250 @@
+"""No data loss, no identity leak, no silent wrong result: each defect of issue 13, one test."""
+
+import dataclasses
+import json
+import os
+import re
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from conftest import FIXTURE, ROOT, SAMPLES
+from safetriage_jax import checkpoint, cli
+from safetriage_jax.deid.evaluation import Analysis, masked
+from safetriage_jax.deid.framing import BLANK, FACE, FILLED, CropPlan, FramingOptions, uncovered_frames
+from safetriage_jax.errors import SafeTriageError
+from safetriage_jax.models.config import load_model_config, load_python_config
+from safetriage_jax.parity import read_inputs
+from safetriage_jax.video import VideoReader, read_image
+
+
+def _run(capsys, *argv):
+    """(exit code, stderr) of the CLI; an error is one `error:` line without a traceback."""
+    code = cli.main([str(a) for a in argv])
+    err = capsys.readouterr().err
+    if code == 2 and err.startswith("error:"):
+        assert err.count("\n") == 1 and "Traceback" not in err, err
+    return code, err
+
+
+def _face_landmarks(center, half):
+    """A 68-point stand-in: points on a circle of radius ``half`` around ``center``."""
+    angles = np.linspace(0, 2 * np.pi, 68, endpoint=False)
+    return np.asarray(center) + half * np.stack([np.cos(angles), np.sin(angles)], -1)
+
+
+def test_crop_options_out_of_range_are_refused(capsys):
+    for scale in (-1, 0, 0.8, 100):
+        with pytest.raises(SafeTriageError, match="scale must be between"):
+            FramingOptions(scale=scale)
+        code, err = _run(capsys, "deid", "--input", "a.mp4", "--identity", "b.png", "--out",
+                         "c.mp4", "--crop-scale", scale)
+        assert code == 2 and "--crop-scale" in err
+    for flag, value in (("--batch", 0), ("--batch", "1e9"), ("--stride", 0), ("--max-frames", -3)):
+        command = "evaluate-deid" if flag != "--batch" else "animate"
+        code, err = _run(capsys, command, flag, value)
+        assert code == 2 and flag in err, err
+    code, err = _run(capsys, "parity", "--checkpoint", "x", "--inputs", "i", "--out", "o",
+                     "--tolerance", "-1")
+    assert code == 2 and "--tolerance" in err
+
+
+def test_paste_back_that_would_not_cover_the_face_is_refused_per_frame():
+    marks_T68x2 = np.stack([_face_landmarks((100, 100), 40)] * 3 + [np.full((68, 2), np.nan)]
+                           + [_face_landmarks((150, 100), 40)])
+    plan = CropPlan(centers_T2=np.array([[100, 100]] * 5, float),
+                    sides_T=np.array([200, 80, 200, 200, 200], float),
+                    status_T=np.array([FACE, FACE, BLANK, FILLED, FACE]))
+    uncovered_T = uncovered_frames(plan, marks_T68x2, FramingOptions())
+    # frame 1's square is smaller than the face; the FILLED frame 3 is judged by its detected
+    # neighbours (frame 2's face fits, frame 4's face sits too far right for the square).
+    assert uncovered_T.tolist() == [False, True, False, True, True]
+    wide = dataclasses.replace(plan, sides_T=np.full(5, 260.0))
+    assert not uncovered_frames(wide, marks_T68x2, FramingOptions()).any()
+
+
+def test_port_weights_overwrite_never_deletes_what_it_did_not_write(tmp_path, capsys,
+                                                                    monkeypatch):
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    (photos / "holiday.jpg").write_bytes(b"x")
+    checkpoint_copy = tmp_path / "ckpt" / "vox.pth.tar"
+    checkpoint_copy.parent.mkdir()
+    checkpoint_copy.write_bytes((FIXTURE / "checkpoint.pth.tar").read_bytes())
+    (tmp_path / "work").mkdir()
+    monkeypatch.chdir(tmp_path / "work")
+    config = FIXTURE / "config.yaml"
+    for out, message in ((photos, "not a folder this tool wrote"), (".", "working directory"),
+                         (tmp_path / "ckpt", "contains the input")):
+        code, err = _run(capsys, "port-weights", "--checkpoint", checkpoint_copy, "--config",
+                         config, "--out", out, "--overwrite")
+        assert code == 2 and message in err, (out, err)
+    assert (photos / "holiday.jpg").is_file() and checkpoint_copy.is_file()
+    code, err = _run(capsys, "port-weights", "--checkpoint", checkpoint_copy, "--config", config,
+                     "--out", photos / "holiday.jpg", "--overwrite")
+    assert code == 2 and "is a file" in err
+
+
+def test_outputs_that_are_inputs_are_refused_before_any_work(tmp_path, capsys):
+    video = tmp_path / "patient.mp4"
+    video.write_bytes(b"the only copy")
+    model = tmp_path / "model"
+    model.mkdir()
+    code, err = _run(capsys, "deid", "--input", video, "--identity", SAMPLES / "source.png",
+                     "--out", video, "--checkpoint", model, "--overwrite")
+    assert code == 2 and "also an input" in err
+    code, err = _run(capsys, "deid", "--input", video, "--identity", SAMPLES / "source.png",
+                     "--out", tmp_path / "out" / "deid.mp4", "--report", tmp_path / "out",
+                     "--checkpoint", model)
+    assert code == 2 and "contains the input" in err  # the report would replace the video
+    npz = tmp_path / "inputs.npz"
+    npz.write_bytes((FIXTURE / "expected.npz").read_bytes())
+    code, err = _run(capsys, "parity", "--checkpoint", FIXTURE / "checkpoint.pth.tar",
+                     "--config", FIXTURE / "config.yaml", "--inputs", npz, "--out", npz,
+                     "--overwrite")
+    assert code == 2 and "also an input" in err
+    assert video.read_bytes() == b"the only copy"
+    assert npz.read_bytes() == (FIXTURE / "expected.npz").read_bytes()
+
+
+def test_export_weights_refuses_a_video_a_folder_and_leaves_no_partial(tmp_path, capsys,
+                                                                       fixture_model_dir):
+    video = tmp_path / "clip.mp4"
+    video.write_bytes((SAMPLES / "driving.mp4").read_bytes())
+    code, err = _run(capsys, "export-weights", "--checkpoint", fixture_model_dir, "--out", video)
+    assert code == 2 and "already exists" in err and "--overwrite" in err
+    code, err = _run(capsys, "export-weights", "--checkpoint", fixture_model_dir, "--out", video,
+                     "--overwrite")
+    assert code == 2 and "not a file this tool wrote" in err
+    code, err = _run(capsys, "export-weights", "--checkpoint", fixture_model_dir, "--out",
+                     tmp_path)
+    assert code == 2 and "is a folder" in err
+    assert video.read_bytes() == (SAMPLES / "driving.mp4").read_bytes()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["clip.mp4"]
+
+
+def test_a_truncated_video_is_an_error_not_a_short_output(tmp_path):
+    data = (SAMPLES / "driving.mp4").read_bytes()
+    truncated = tmp_path / "truncated.mp4"
+    truncated.write_bytes(data[: len(data) * 3 // 10])
+    with pytest.raises(SafeTriageError, match=r"truncated .* announces 169 frames but only \d+"):
+        with VideoReader(truncated) as reader:
+            for _ in reader:
+                pass
+
+
+def test_a_16_bit_greyscale_png_is_read_by_its_bit_depth(tmp_path, rng):
+    grey_HW = rng.integers(0, 65536, (40, 48)).astype(np.uint16)
+    path = tmp_path / "grey16.png"
+    Image.fromarray(grey_HW).save(path)
+    rgb = read_image(path)
+    assert rgb.shape == (40, 48, 3) and rgb.dtype == np.uint8
+    np.testing.assert_array_equal(rgb[..., 1], np.round(grey_HW / 257).astype(np.uint8))
+
+
+def test_non_finite_weights_are_rejected_when_porting_and_loading(tmp_path, fixture_config,
+                                                                  fixture_variables):
+    from safetriage_jax.porting import export_checkpoint, port_checkpoint
+    from flax import traverse_util
+    flat = traverse_util.flatten_dict(fixture_variables, sep="/")
+    key = next(k for k in sorted(flat) if k.startswith("params/kp_detector/"))
+    flat[key] = np.where(np.arange(flat[key].size).reshape(flat[key].shape) % 7 == 0, np.nan,
+                         flat[key]).astype(np.float32)
+    variables = traverse_util.unflatten_dict(flat, sep="/")
+    export_checkpoint(variables, tmp_path / "nan.pth.tar")
+    with pytest.raises(SafeTriageError, match=rf"{key} holds \d+ NaN"):
+        port_checkpoint(tmp_path / "nan.pth.tar", fixture_config)
+    with pytest.raises(SafeTriageError, match="NaN or infinite"):
+        checkpoint.save_model(tmp_path / "model", fixture_config, variables)
+    assert not (tmp_path / "model").exists()
+
+
+def test_yaml_typos_are_clear_errors(tmp_path):
+    text = (FIXTURE / "config.yaml").read_text()
+    for old, new, message in (("num_tps: 10", "num_tpss: 10", "unknown key.*num_tpss.*known keys"),
+                              ("num_tps: 10", "num_tps: 1O", "num_tps must be int .*'1O'"),
+                              ("num_blocks: 5", "num_blocks: 5.0", "dense_num_blocks must be int"),
+                              ("bg: true", "bg: maybe", "bg must be bool")):
+        bad = tmp_path / "vox-256.yaml"
+        bad.write_text(text.replace(old, new))
+        with pytest.raises(SafeTriageError, match=message):
+            load_model_config(bad)
+
+
+def test_overrides_are_strict_and_parsed_one_way():
+    cases = [("configs/train.py:small,model.num_tpss=3", "known keys: bg, dense_block_expansion"),
+             ("configs/train.py:small,train.batch_size=16.0", "expected an integer"),
+             ("configs/tpsmm.py:small,bg=maybe", "true/false/1/0/yes/no"),
+             ("configs/prompt.py:small,data.asymmetry=0.1;x", "expected a number"),
+             ("configs/train.py:vox-256,model.image_size=384", "data.size .* must agree"),
+             ("configs/train.py:small,train.num_epochs=0", "at least one step"),
+             ("configs/prompt.py:small,train.num_steps=0", "untrained")]
+    for spec, message in cases:
+        with pytest.raises(SafeTriageError, match=message):
+            load_python_config(spec)
+    assert load_model_config("configs/tpsmm.py:small,bg=NO,num_tps=3").bg is False
+
+
+def test_configs_are_found_from_any_working_directory(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert load_python_config("configs/train.py:small").data.size == 64
+    assert load_python_config("prompt.py:small").prompt.resolution == 32
+    assert load_model_config("configs/tpsmm.py:ted-384").image_size == 384
+    with pytest.raises(SafeTriageError, match=f"does not exist .*{re.escape(str(ROOT))}"):
+        load_python_config("configs/nope.py")
+
+
+def test_a_pth_tar_where_a_model_directory_is_needed_says_so(tmp_path, capsys):
+    code, err = _run(capsys, "animate", "--checkpoint", FIXTURE / "checkpoint.pth.tar",
+                     "--source", SAMPLES / "source.png", "--driving", SAMPLES / "driving.mp4",
+                     "--out", tmp_path / "o.mp4")
+    assert code == 2 and "upstream PyTorch checkpoint" in err and "port-weights" in err
+
+
+def test_parity_with_different_source_and_driving_sizes_is_an_error(tmp_path, rng):
+    path = tmp_path / "inputs.npz"
+    np.savez(path, source=rng.random((1, 3, 64, 64)), driving=rng.random((1, 3, 32, 32)))
+    with pytest.raises(SafeTriageError, match="same shape"):
+        read_inputs(path)
+
+
+def test_evaluate_with_a_model_of_another_resolution_is_an_error(capsys, fixture_model_dir):
+    code, err = _run(capsys, "evaluate", "--config", "configs/train.py:small", "--model",
+                     fixture_model_dir)
+    assert code == 2 and "runs at 256 px" in err and "64 px" in err
+
+
+def test_the_report_masks_the_original_face_by_default(rng):
+    frames = {t: rng.integers(1, 256, (60, 80, 3), dtype=np.uint8) for t in range(2)}
+    boxes_T4 = np.array([[20.0, 10.0, 50.0, 40.0], [np.nan] * 4])
+    analysis = Analysis(frames, np.zeros((2, 68, 2)), np.array([True, False]), np.zeros((2, 128)))
+    shown = masked(analysis, boxes_T4).frames
+    assert not shown[0][10:40, 20:50].any() and shown[0][55:, 70:].all()  # face only
+    assert not shown[1].any()  # no face found: nothing of the frame is shown
+
+
+def test_cli_has_a_version_and_a_user_facing_help(capsys):
+    assert cli.main(["--version"]) == 0
+    assert re.match(r"safetriage \d+\.\d+", capsys.readouterr().out)
+    assert cli.main(["--help"]) == 0
+    text = capsys.readouterr().out
+    assert "safetriage demo" in text and "safe to share" in text.lower()
+
+
+def test_model_directories_get_the_usual_permissions(fixture_model_dir, fixture_config):
+    umask = os.umask(0)
+    os.umask(umask)
+    assert oct(fixture_model_dir.stat().st_mode & 0o777) == oct(0o777 & ~umask)  # not mkdtemp's 0700
+    saved = json.loads((fixture_model_dir / "config.json").read_text())
+    assert saved["num_tps"] == fixture_config.num_tps
+
+
+def test_evaluation_keeps_only_a_few_frames_of_a_long_video():
+    from safetriage_jax.deid.evaluation import FrameSample
+    sample = FrameSample(rows=4)
+    for t in range(1000):
+        sample.offer(t, {"original": t})
+    kept = sorted(sample.of("original"))
+    assert len(kept) <= 8 and kept[0] == 0 and kept[-1] >= 700
+    assert len(set(np.diff(kept))) == 1  # evenly spaced
