@@ -97,7 +97,8 @@ def cmd_animate(args):
     from safetriage_jax.animate import animate_video
     start = time.perf_counter()
     frames = animate_video(args.checkpoint, args.source, args.driving, args.out, mode=args.mode,
-                           batch_size=args.batch, warp_implementation=args.warp_implementation)
+                           batch_size=args.batch, warp_implementation=args.warp_implementation,
+                           precision=args.precision)
     seconds = time.perf_counter() - start
     print(f"Wrote {args.out}: {frames} frames in {seconds:.1f} s ({frames / seconds:.1f} frames/s, "
           "compilation included).")
@@ -133,14 +134,15 @@ def cmd_demo(args):
     start = time.perf_counter()
     frames = animate_video(model_dir, shared / DEMO_SAMPLES / "source.png",
                            shared / DEMO_SAMPLES / "driving.mp4", out, mode=args.mode,
-                           batch_size=args.batch)
+                           batch_size=args.batch, precision=args.precision)
     print(f"Wrote {out}: {frames} frames in {time.perf_counter() - start:.1f} s.")
     from safetriage_jax.deid.evaluation import evaluate_deid
     from safetriage_jax.deid.pipeline import DeidOptions, deidentify
     driving, source = shared / DEMO_SAMPLES / "driving.mp4", shared / DEMO_SAMPLES / "source.png"
     deid = out_dir / "deid.mp4"
     summary = deidentify(driving, source, deid, model_dir,
-                         options=DeidOptions(paste_back=True, batch_size=args.batch))
+                         options=DeidOptions(paste_back=True, batch_size=args.batch,
+                                             precision=args.precision))
     print(f"Wrote {deid}: {summary['frames']} frames de-identified (face pasted back) in "
           f"{summary['seconds']:.1f} s.")
     evaluate_deid(driving, deid, out_dir / "report", identity_path=source, stride=3)
@@ -207,7 +209,7 @@ def cmd_deid(args):
     options = DeidOptions(mode=args.mode, reference=args.reference, paste_back=args.paste_back,
                           detector=args.detector, keep_audio=args.keep_audio,
                           batch_size=args.batch, warp_implementation=args.warp_implementation,
-                          framing=FramingOptions(scale=args.crop_scale))
+                          precision=args.precision, framing=FramingOptions(scale=args.crop_scale))
     summary = deidentify(args.input, args.identity, args.out, checkpoint, options=options,
                          prompt_dir=args.prompt_checkpoint, report_dir=args.report)
     print(f"Wrote {args.out}: {summary['frames']} frames ({summary['face_frames']} with the face "
@@ -275,6 +277,8 @@ def build_parser():
     def add_animation_options(p):
         p.add_argument("--mode", default="relative", choices=["relative", "standard", "avd"])
         p.add_argument("--batch", type=int, default=16, help="driving frames per device call")
+        p.add_argument("--precision", default="float32", choices=["float32", "bfloat16"],
+                       help="compute dtype of the networks (bfloat16: faster on GPU/TPU)")
 
     p = sub.add_parser("animate", help="animate a source image with a driving video")
     p.add_argument("--checkpoint", required=True, help="model directory from port-weights")

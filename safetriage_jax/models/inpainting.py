@@ -5,6 +5,8 @@ and ``decode`` (per driving frame). The warp-loss copies of the warped features 
 to the flow only (features and occlusion stopped), as upstream's; XLA shares their forward.
 """
 
+import functools
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -58,8 +60,11 @@ class InpaintingNetwork(nn.Module):
         if size not in flows_by_size:
             flows_by_size[size] = resize_bilinear_align_corners(flow_BHW2, *size)
         # A batch-1 image (one source shared by the frames) is read by every frame's flow.
-        return grid_sample(image_BHWC, flows_by_size[size], align_corners=True,
-                           implementation=self.warp_implementation)
+        # Under remat the warp keeps only its inputs: its four gathered taps per pixel and
+        # channel are the largest tensors of the training step.
+        warp = self.policy.function(functools.partial(
+            grid_sample, align_corners=True, implementation=self.warp_implementation))
+        return warp(image_BHWC, flows_by_size[size])
 
     def _occlusion_at(self, occlusion_map, index, size):
         mask_BHW1 = occlusion_map[index if self.multi_mask else 0]

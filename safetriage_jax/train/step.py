@@ -75,6 +75,13 @@ def _select(pred, on_true, on_false):
     return jax.tree.map(lambda a, b: jnp.where(pred, a, b), on_true, on_false)
 
 
+def frozen_features(vgg, vgg_params, policy):
+    """images -> VGG features with the weights gradient-stopped, rematerialised under ``policy``."""
+    vgg_params = jax.lax.stop_gradient(vgg_params)
+    apply = policy.function(vgg.apply)
+    return lambda images_BHWC: apply(vgg_params, images_BHWC)
+
+
 def generator_losses(params, state, batch, rng, *, model, vgg_features, cfg, epoch):
     """Weighted upstream losses for one batch; returns (total, (terms, new batch_stats))."""
     tcfg = cfg.train
@@ -137,9 +144,7 @@ def train_step(state: TrainState, batch, vgg_params, *, model, vgg, txs, cfg, st
     pair = augment.color_jitter(jitter_key, pair, **cfg.data.jitter)
     batch = {"source": pair[:, 0], "driving": pair[:, 1]}
 
-    vgg_params = jax.lax.stop_gradient(vgg_params)
-    vgg_apply = model.policy.function(vgg.apply)  # rematerialised under train.remat
-    vgg_features = lambda images: vgg_apply(vgg_params, images)
+    vgg_features = frozen_features(vgg, vgg_params, model.policy)
     loss_fn = functools.partial(generator_losses, state=state, batch=batch, rng=loss_key,
                                 model=model, vgg_features=vgg_features, cfg=cfg, epoch=epoch)
     grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
