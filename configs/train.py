@@ -51,6 +51,7 @@ def base_config() -> ml_collections.ConfigDict:
         loss_weights=dict(perceptual=(10.0,) * 5, equivariance=10.0, warp=10.0, bg=10.0),
         perceptual_weights="~/.cache/torch/hub/checkpoints/vgg19-dcbb9e9d.pth",  # or "random"
         precision="float32",          # "float32" | "bfloat16" (mixed: float32 master weights)
+        remat="none",                 # "none" | "conv_outputs" | "blocks" (models/policy.py)
         seed=0,
     )
     c.log = dict(every_steps=50, sample_every_steps=1000, checkpoint_every_steps=1000,

@@ -40,6 +40,8 @@ def main():
     parser.add_argument("--frame-size", type=int, default=256, help="decoded video frame side")
     parser.add_argument("--precision", default="default", choices=["default", "highest"],
                         help="matmul/conv precision (GPU default is TF32)")
+    parser.add_argument("--compute-dtype", default="float32", choices=["float32", "bfloat16"],
+                        help="the networks' compute dtype (`safetriage animate --precision`)")
     parser.add_argument("--json", default=None, help="write results here")
     args = parser.parse_args()
 
@@ -50,7 +52,7 @@ def main():
     device = jax.devices()[0]
     rows = []
     with jax.default_matmul_precision(args.precision if args.precision != "default" else None):
-        animator = Animator(config, variables, mode="relative")
+        animator = Animator(config, variables, mode="relative", precision=args.compute_dtype)
         animator.set_source(source, source)
         for batch in [int(b) for b in args.batch_sizes.split(",")]:
             frames = rng.integers(0, 256, (batch, args.frame_size, args.frame_size, 3), np.uint8)
@@ -58,7 +60,8 @@ def main():
             rows.append({"batch": batch, "seconds_per_call": seconds,
                          "frames_per_s": batch / seconds})
     base = rows[0]["frames_per_s"]
-    print(f"\nanimate throughput: config {args.config} ({config.image_size}px), fp32, "
+    print(f"\nanimate throughput: config {args.config} ({config.image_size}px), "
+          f"{args.compute_dtype}, "
           f"precision {args.precision}, device {device.device_kind} ({device.platform}), "
           f"jax {jax.__version__}, {time.strftime('%Y-%m-%d')}")
     print(f"{'batch':>6} {'ms/call':>10} {'frames/s':>10} {'vs batch ' + str(rows[0]['batch']):>12}")
@@ -67,7 +70,8 @@ def main():
               f"{row['frames_per_s']:>10.2f} {row['frames_per_s'] / base:>11.2f}x")
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"config": args.config, "device": device.device_kind,
+            json.dump({"config": args.config, "compute_dtype": args.compute_dtype,
+                       "device": device.device_kind,
                        "platform": device.platform, "jax": jax.__version__,
                        "host": platform.node(), "rows": rows}, f, indent=2)
 

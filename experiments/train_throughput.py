@@ -1,12 +1,14 @@
-"""Training throughput (pairs/s) and memory of the jitted, sharded train step, by precision.
+"""Training throughput (pairs/s) and memory of the jitted, sharded train step, by precision and
+remat policy.
 
 Times the full upstream training step (augmentation, all five losses, both optimizers) on
 random uint8 batches already on the device, so the input pipeline is not in the figure. The
-baseline is float32 in the same run; bfloat16 mixed precision is compared with it. Memory is
-XLA's compiled estimate (arguments + temporaries) and, where the runtime reports it (GPU/TPU),
-the measured peak. Prints a table and writes JSON.
+baseline is the first variant (float32, no remat) in the same run. Memory is XLA's compiled
+estimate (arguments + outputs + temporaries - donated, ``train.cost.memory``) and, where the
+runtime reports it (GPU/TPU), the measured peak. Prints a table and writes JSON.
 
-  python experiments/train_throughput.py --config configs/train.py:vox-256 --batch 28
+  python experiments/train_throughput.py --config configs/train.py:vox-256 --batch 28 \
+      --variants float32:none,bfloat16:none,bfloat16:conv_outputs
 """
 
 import argparse
@@ -18,6 +20,7 @@ import jax
 import numpy as np
 
 from safetriage_jax.models.config import load_python_config
+from safetriage_jax.train import cost
 from safetriage_jax.train.loop import Trainer
 
 GIB = 1024 ** 3
@@ -31,20 +34,20 @@ def measure(config, batch_size, steps):
     batch = trainer.global_batch({k: rng.integers(0, 256, (batch_size, size, size, 3), np.uint8)
                                   for k in ("source", "driving")})
     compiled = trainer.step.lower(state, batch, vgg).compile()
-    analysis = compiled.memory_analysis()
-    estimate = (analysis.argument_size_in_bytes + analysis.temp_size_in_bytes) / GIB \
-        if analysis is not None else float("nan")
-    state, metrics = trainer.step(state, batch, vgg)  # warm-up
+    sizes = cost.memory(compiled)
+    estimate = sizes["total"] / GIB if sizes is not None else float("nan")
+    state, metrics = compiled(state, batch, vgg)  # warm-up (the step compiled once, above)
     jax.block_until_ready(metrics)
     seconds = []
     for _ in range(steps):
         start = time.perf_counter()
-        state, metrics = trainer.step(state, batch, vgg)
+        state, metrics = compiled(state, batch, vgg)
         jax.block_until_ready(metrics)
         seconds.append(time.perf_counter() - start)
     stats = jax.devices()[0].memory_stats() or {}
     step_s = float(np.median(seconds))
-    return {"precision": config.train.precision, "batch": batch_size, "step_ms": step_s * 1e3,
+    return {"precision": config.train.precision, "remat": config.train.remat,
+            "batch": batch_size, "step_ms": step_s * 1e3,
             "pairs_per_s": batch_size / step_s, "xla_memory_gib": estimate,
             "peak_gib": stats.get("peak_bytes_in_use", float("nan")) / GIB,
             "loss": float(metrics["loss"])}
@@ -55,13 +58,16 @@ def main():
     parser.add_argument("--config", default="configs/train.py:vox-256")
     parser.add_argument("--batch", type=int, default=28)
     parser.add_argument("--steps", type=int, default=10)
-    parser.add_argument("--precisions", default="float32,bfloat16")
+    parser.add_argument("--variants", default="float32:none,bfloat16:none,bfloat16:conv_outputs",
+                        help="comma-separated precision:remat pairs (train.precision, train.remat)")
     parser.add_argument("--json", default=None)
     args = parser.parse_args()
     rows = []
-    for precision in args.precisions.split(","):
+    for variant in args.variants.split(","):
+        precision, _, remat = variant.partition(":")
         config = load_python_config(args.config)
         config.train.precision = precision
+        config.train.remat = remat or "none"
         config.train.perceptual_weights = "random"  # timing only: the weights' values don't matter
         config.train.batch_size = args.batch
         rows.append(measure(config, args.batch, args.steps))
@@ -69,10 +75,10 @@ def main():
     device = jax.devices()[0]
     print(f"device: {device.device_kind} x{jax.device_count()} ({platform.processor() or device.platform}),"
           f" jax {jax.__version__}, config {args.config}")
-    print(f"{'precision':>10} {'batch':>6} {'ms/step':>9} {'pairs/s':>9} {'vs fp32':>8} "
-          f"{'XLA GiB':>8} {'peak GiB':>9}")
+    print(f"{'precision':>10} {'remat':>12} {'batch':>6} {'ms/step':>9} {'pairs/s':>9} "
+          f"{'vs first':>8} {'XLA GiB':>8} {'peak GiB':>9}")
     for row in rows:
-        print(f"{row['precision']:>10} {row['batch']:>6} {row['step_ms']:>9.1f} "
+        print(f"{row['precision']:>10} {row['remat']:>12} {row['batch']:>6} {row['step_ms']:>9.1f} "
               f"{row['pairs_per_s']:>9.2f} {row['pairs_per_s'] / base:>7.2f}x "
               f"{row['xla_memory_gib']:>8.2f} {row['peak_gib']:>9.2f}")
     if args.json:

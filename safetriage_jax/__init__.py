@@ -1,1 +1,1 @@
-X=1
+"""safetriage-jax: SafeTriage-style facial-video de-identification on a Flax TPSMM backbone."""

@@ -17,6 +17,7 @@ from safetriage_jax import outputs
 from safetriage_jax.checkpoint import load_model
 from safetriage_jax.errors import SafeTriageError
 from safetriage_jax.models import prompt as prompt_lib
+from safetriage_jax.models.policy import Policy
 from safetriage_jax.models.tpsmm import TPSMM
 from safetriage_jax.video import VideoReader, is_video, read_image, video_writer
 
@@ -55,10 +56,11 @@ class Animator:
     """Holds a model and one source image; animates batches of driving frames.
 
     With ``prompt=(PromptConfig, params)`` every driving frame, the reference (first) frame
-    included, gets its generated prompt before the backbone reads its keypoints.
+    included, gets its generated prompt before the backbone reads its keypoints. ``precision``
+    is the networks' compute dtype (``models.policy``); the output frames are uint8 either way.
     """
 
-    def __init__(self, config, variables, mode="relative", prompt=None):
+    def __init__(self, config, variables, mode="relative", prompt=None, precision="float32"):
         if mode not in MODES:
             raise SafeTriageError(f"Unknown mode {mode!r}; choose one of {', '.join(MODES)}.")
         if mode == "avd" and "avd_network" not in variables["params"]:
@@ -66,7 +68,7 @@ class Animator:
                                   "standard mode.")
         self.config, self.variables, self.mode = config, variables, mode
         self.prompt_config, self.prompt_params = prompt if prompt is not None else (None, None)
-        self.model = TPSMM(config)
+        self.model = TPSMM(config, Policy(precision))
         self._prepare = jax.jit(self._prepare_impl)
         self._keypoints = jax.jit(self._keypoints_impl)
         self._reference = jax.jit(self._reference_impl)
@@ -110,7 +112,8 @@ class Animator:
         motion = self.model.apply(variables, source, kp_target, kp_source_b,
                                   method=TPSMM.dense_motion)
         out = self.model.apply(variables, features, source, motion, method=TPSMM.decode)
-        return jnp.round(jnp.clip(out["prediction"], 0, 1) * 255).astype(jnp.uint8)
+        prediction = out["prediction"].astype(jnp.float32)  # quantise from float32
+        return jnp.round(jnp.clip(prediction, 0, 1) * 255).astype(jnp.uint8)
 
     def set_source(self, source_HW3_uint8, first_driving_HW3_uint8):
         """Caches everything that depends only on the source and the first driving frame."""
@@ -148,7 +151,8 @@ def batches(frames, batch_size):
 
 
 def animate_video(model_dir, source_path, driving_path, out_path, *, mode="relative",
-                  batch_size=16, warp_implementation=None, overwrite=False, progress=True):
+                  batch_size=16, warp_implementation=None, precision="float32", overwrite=False,
+                  progress=True):
     """Writes ``out_path`` (h264 mp4 at the driving video's fps); returns the frame count.
 
     ``overwrite``: replace an existing video at ``out_path`` (never one of the inputs)."""
@@ -156,7 +160,7 @@ def animate_video(model_dir, source_path, driving_path, out_path, *, mode="relat
     inputs = (model_dir, source_path, driving_path)
     outputs.check_output(out_path, inputs=inputs, overwrite=overwrite, recognise=is_video)
     config, variables = load_model(model_dir, warp_implementation=warp_implementation)
-    animator = Animator(config, variables, mode)
+    animator = Animator(config, variables, mode, precision=precision)
     source = read_image(source_path)
     size = config.image_size
     with VideoReader(driving_path) as reader:

@@ -100,7 +100,7 @@ def cmd_animate(args):
     start = time.perf_counter()
     frames = animate_video(args.checkpoint, args.source, args.driving, args.out, mode=args.mode,
                            batch_size=args.batch, warp_implementation=args.warp_implementation,
-                           overwrite=args.overwrite)
+                           precision=args.precision, overwrite=args.overwrite)
     seconds = time.perf_counter() - start
     print(f"Wrote {args.out}: {frames} frames in {seconds:.1f} s ({frames / seconds:.1f} frames/s, "
           "compilation included).")
@@ -109,7 +109,7 @@ def cmd_animate(args):
 def cmd_demo(args):
     from safetriage_jax.demo import find_shared, run_demo
     run_demo(find_shared(args.shared), args.out, mode=args.mode, batch_size=args.batch,
-             overwrite=args.overwrite)
+             precision=args.precision, overwrite=args.overwrite)
 
 
 def _run_training(args, train_fn, what, result, hint=""):
@@ -167,7 +167,7 @@ def cmd_deid(args):
     options = DeidOptions(mode=args.mode, reference=args.reference, paste_back=args.paste_back,
                           detector=args.detector, keep_audio=args.keep_audio,
                           batch_size=args.batch, warp_implementation=args.warp_implementation,
-                          framing=FramingOptions(scale=args.crop_scale))
+                          precision=args.precision, framing=FramingOptions(scale=args.crop_scale))
     summary = deidentify(args.input, args.identity, args.out, checkpoint, options=options,
                          prompt_dir=args.prompt_checkpoint, report_dir=args.report,
                          overwrite=args.overwrite,
@@ -250,6 +250,8 @@ def build_parser():
         p.add_argument("--mode", default="relative", choices=["relative", "standard", "avd"])
         p.add_argument("--batch", type=_bounded(int, 1, MAX_BATCH), default=16,
                        help="driving frames per device call")
+        p.add_argument("--precision", default="float32", choices=["float32", "bfloat16"],
+                       help="compute dtype of the networks (bfloat16: faster on GPU/TPU)")
 
     p = sub.add_parser("animate", help="animate a source image with a driving video")
     p.add_argument("--checkpoint", required=True, help="model directory from port-weights")

@@ -25,7 +25,8 @@ def find_shared(explicit=None):
                           "samples/); name the shared folder or set SAFETRIAGE_SHARED.")
 
 
-def run_demo(shared, out_dir, *, mode="relative", batch_size=16, overwrite=False, log=print):
+def run_demo(shared, out_dir, *, mode="relative", batch_size=16, precision="float32",
+             overwrite=False, log=print):
     """Writes out_dir/model (kept between runs), animation.mp4, deid.mp4 and report/;
     ``log(line)`` reports each step."""
     from safetriage_jax.animate import animate_video
@@ -51,10 +52,11 @@ def run_demo(shared, out_dir, *, mode="relative", batch_size=16, overwrite=False
         log(f"Ported the fixture checkpoint to {model_dir}.")
     start = time.perf_counter()
     frames = animate_video(model_dir, source, driving, animation, mode=mode,
-                           batch_size=batch_size, overwrite=overwrite)
+                           batch_size=batch_size, precision=precision, overwrite=overwrite)
     log(f"Wrote {animation}: {frames} frames in {time.perf_counter() - start:.1f} s.")
     summary = deidentify(driving, source, deid, model_dir, overwrite=overwrite,
-                         options=DeidOptions(paste_back=True, batch_size=batch_size))
+                         options=DeidOptions(paste_back=True, batch_size=batch_size,
+                                             precision=precision))
     log(f"Wrote {deid}: {summary['frames']} frames de-identified (face pasted back, "
         f"{summary['blank_frames']} blanked) in {summary['seconds']:.1f} s.")
     evaluate_deid(driving, deid, out_dir / "report", identity_path=source, stride=3,

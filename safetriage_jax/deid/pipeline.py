@@ -37,6 +37,7 @@ class DeidOptions:
     batch_size: int = 16
     framing: FramingOptions = FramingOptions()
     warp_implementation: str | None = None
+    precision: str = "float32"  # the networks' compute dtype: float32 | bfloat16
 
 
 def _check(options):
@@ -152,7 +153,7 @@ def deidentify(input_path, identity_path, out_path, model_dir, *, options=DeidOp
     start_time = time.perf_counter()
     config, variables = load_model(model_dir, warp_implementation=options.warp_implementation)
     prompt = load_prompt(prompt_dir) if prompt_dir is not None else None
-    animator = Animator(config, variables, options.mode, prompt)
+    animator = Animator(config, variables, options.mode, prompt, options.precision)
     size = config.image_size
     models = face_models(options.detector)
     identity, identity_marks, notes = identity_face(identity_path, size, options.framing, models)

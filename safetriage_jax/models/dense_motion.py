@@ -15,6 +15,7 @@ from einops import rearrange
 from safetriage_jax.kernels.grid_sample import grid_sample
 from safetriage_jax.models import geometry
 from safetriage_jax.models.layers import AntiAliasDownsample, Hourglass, UpBlock, conv
+from safetriage_jax.models.policy import Policy
 
 NUM_OCCLUSION_MASKS = 4
 
@@ -44,6 +45,7 @@ class DenseMotionNetwork(nn.Module):
     multi_mask: bool = True
     kp_variance: float = 0.01
     warp_implementation: str = None
+    policy: Policy = Policy()
 
     @nn.compact
     def __call__(self, source_BHWC, kp_driving_BN2, kp_source_BN2, bg_param_B33=None,
@@ -51,8 +53,12 @@ class DenseMotionNetwork(nn.Module):
         """``source_BHWC`` may have batch 1 (one source shared by every frame). Returns a dict
         with 'deformation' (B,h,w,2), 'contribution_maps' (B,h,w,K+1), 'deformed_source'
         (B,K+1,h,w,C) and 'occlusion_map' (list of (B,H_i,W_i,1), coarse first), with h, w =
-        scale_factor x the source size. TPS dropout is on when dropout_rng is given."""
-        source_BHWC = AntiAliasDownsample(self.scale_factor, name="down")(source_BHWC)
+        scale_factor x the source size. TPS dropout is on when dropout_rng is given.
+
+        Grids, deformation and contribution maps are float32; the deformed source and the
+        occlusion masks come in the policy's compute dtype."""
+        dtype = self.policy.dtype
+        source_BHWC = AntiAliasDownsample(self.scale_factor, name="down")(source_BHWC.astype(dtype))
         batch = kp_driving_BN2.shape[0]
         _, height, width, channels = source_BHWC.shape
         num_transforms = self.num_tps + 1
@@ -61,7 +67,7 @@ class DenseMotionNetwork(nn.Module):
         gauss_source = geometry.keypoint_heatmaps(kp_source_BN2, height, width, self.kp_variance)
         heatmaps_BHWN = gauss_driving - gauss_source
         heatmaps_BHWN = jnp.concatenate(
-            [jnp.zeros_like(heatmaps_BHWN[..., :1]), heatmaps_BHWN], axis=-1)
+            [jnp.zeros_like(heatmaps_BHWN[..., :1]), heatmaps_BHWN], axis=-1).astype(dtype)
 
         grids_BTHW2 = self.transformation_grids(kp_driving_BN2, kp_source_BN2, bg_param_B33,
                                                 height, width)
@@ -73,10 +79,11 @@ class DenseMotionNetwork(nn.Module):
 
         hourglass_in = jnp.concatenate(
             [heatmaps_BHWN, rearrange(deformed_BTHWC, "b t h w c -> b h w (t c)")], axis=-1)
-        outs = Hourglass(self.block_expansion, self.max_features, self.num_blocks,
+        outs = Hourglass(self.block_expansion, self.max_features, self.num_blocks, self.policy,
                          name="hourglass")(hourglass_in)
 
-        logits_BHWT = conv(num_transforms, 7, name="maps")(outs[-1])
+        logits_BHWT = conv(num_transforms, 7, dtype=dtype, name="maps")(outs[-1])
+        logits_BHWT = logits_BHWT.astype(jnp.float32)  # the softmax over transforms: float32
         if dropout_rng is not None:
             contribution_BHWT = dropout_softmax(logits_BHWT, dropout_p, dropout_rng)
         else:
@@ -106,17 +113,19 @@ class DenseMotionNetwork(nn.Module):
 
     def occlusion_masks(self, outs):
         """Sigmoid occlusion masks from the hourglass outputs (and extra up blocks), coarse first."""
+        dtype = self.policy.dtype
         if not self.multi_mask:
-            return [nn.sigmoid(conv(1, 7, name="occlusion_0")(outs[-1]))]
+            return [nn.sigmoid(conv(1, 7, dtype=dtype, name="occlusion_0")(outs[-1]))]
         num_up = int(round(math.log2(1 / self.scale_factor)))
         num_from_hourglass = NUM_OCCLUSION_MASKS - num_up
         masks = []
         for i in range(num_from_hourglass):
             feature = outs[len(outs) - num_from_hourglass + i]
-            masks.append(nn.sigmoid(conv(1, 7, name=f"occlusion_{i}")(feature)))
+            masks.append(nn.sigmoid(conv(1, 7, dtype=dtype, name=f"occlusion_{i}")(feature)))
         feature = outs[-1]
+        up_block = self.policy.block(UpBlock)
         for i in range(num_up):
-            feature = UpBlock(feature.shape[-1] // 2, name=f"up_{i}")(feature)
-            mask_conv = conv(1, 7, name=f"occlusion_{num_from_hourglass + i}")
+            feature = up_block(feature.shape[-1] // 2, self.policy, name=f"up_{i}")(feature)
+            mask_conv = conv(1, 7, dtype=dtype, name=f"occlusion_{num_from_hourglass + i}")
             masks.append(nn.sigmoid(mask_conv(feature)))
         return masks

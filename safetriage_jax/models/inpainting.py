@@ -5,6 +5,8 @@ and ``decode`` (per driving frame). The warp-loss copies of the warped features 
 to the flow only (features and occlusion stopped), as upstream's; XLA shares their forward.
 """
 
+import functools
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -12,6 +14,7 @@ import jax.numpy as jnp
 from safetriage_jax.kernels.grid_sample import grid_sample
 from safetriage_jax.models.layers import (DownBlock, ResBlock, SameBlock, UpBlock, conv,
                                           resize_bilinear_align_corners)
+from safetriage_jax.models.policy import Policy
 
 
 class InpaintingNetwork(nn.Module):
@@ -23,27 +26,30 @@ class InpaintingNetwork(nn.Module):
     num_down_blocks: int
     multi_mask: bool = True
     warp_implementation: str = None
+    policy: Policy = Policy()
 
     def setup(self):
         widths = [min(self.max_features, self.block_expansion * 2 ** i)
                   for i in range(self.num_down_blocks + 1)]
-        self.first = SameBlock(self.block_expansion, kernel_size=7)
-        self.down_blocks = [DownBlock(widths[i + 1]) for i in range(self.num_down_blocks)]
+        policy, block = self.policy, self.policy.block
+        self.first = block(SameBlock)(self.block_expansion, kernel_size=7, policy=policy)
+        self.down_blocks = [block(DownBlock)(widths[i + 1], policy)
+                            for i in range(self.num_down_blocks)]
         # Decoder levels, deepest first; the deepest takes the bottleneck alone, others a concat.
         up_blocks, resblocks = [], []
         for i in reversed(range(self.num_down_blocks)):
-            up_blocks.append(UpBlock(widths[i]))
-            resblocks += [ResBlock(), ResBlock()]
+            up_blocks.append(block(UpBlock)(widths[i], policy))
+            resblocks += [block(ResBlock)(policy), block(ResBlock)(policy)]
         self.up_blocks = up_blocks
         self.resblock = resblocks
-        self.final = conv(self.num_channels, 7)
+        self.final = conv(self.num_channels, 7, dtype=policy.dtype)
 
     def __call__(self, source_BHWC, dense_motion):
         return self.decode(self.encode(source_BHWC), source_BHWC, dense_motion)
 
     def encode(self, source_BHWC):
-        """Source features at every level, full resolution first."""
-        feature_maps = [self.first(source_BHWC)]
+        """Source features at every level, full resolution first (in the compute dtype)."""
+        feature_maps = [self.first(source_BHWC.astype(self.policy.dtype))]
         for block in self.down_blocks:
             feature_maps.append(block(feature_maps[-1]))
         return feature_maps
@@ -54,8 +60,11 @@ class InpaintingNetwork(nn.Module):
         if size not in flows_by_size:
             flows_by_size[size] = resize_bilinear_align_corners(flow_BHW2, *size)
         # A batch-1 image (one source shared by the frames) is read by every frame's flow.
-        return grid_sample(image_BHWC, flows_by_size[size], align_corners=True,
-                           implementation=self.warp_implementation)
+        # Under remat the warp keeps only its inputs: its four gathered taps per pixel and
+        # channel are the largest tensors of the training step.
+        warp = self.policy.function(functools.partial(
+            grid_sample, align_corners=True, implementation=self.warp_implementation))
+        return warp(image_BHWC, flows_by_size[size])
 
     def _occlusion_at(self, occlusion_map, index, size):
         mask_BHW1 = occlusion_map[index if self.multi_mask else 0]
@@ -63,10 +72,12 @@ class InpaintingNetwork(nn.Module):
 
     def decode(self, feature_maps, source_BHWC, dense_motion):
         """Returns 'prediction', 'deformed' (B,H,W,C) and 'warped_encoder_maps' (deepest first,
-        differentiable in the flow only, for the warp loss). ``feature_maps``/``source`` may
-        have batch 1."""
-        flow_BHW2 = dense_motion["deformation"]
-        occlusion_map = dense_motion["occlusion_map"]
+        differentiable in the flow only, for the warp loss), all in the compute dtype.
+        ``feature_maps``/``source`` may have batch 1."""
+        dtype = self.policy.dtype
+        source_BHWC = source_BHWC.astype(dtype)
+        flow_BHW2 = dense_motion["deformation"]  # a float32 sampling grid
+        occlusion_map = [mask.astype(dtype) for mask in dense_motion["occlusion_map"]]
         flows_by_size = {}
 
         warped_maps = []
@@ -98,7 +109,7 @@ class InpaintingNetwork(nn.Module):
     def get_encode(self, driving_BHWC, occlusion_map):
         """Driving-frame features masked by the occlusion maps (targets of the warp loss)."""
         driving_BHWC = jax.lax.stop_gradient(driving_BHWC)
-        occlusion_map = [jax.lax.stop_gradient(m) for m in occlusion_map]
+        occlusion_map = [jax.lax.stop_gradient(m).astype(self.policy.dtype) for m in occlusion_map]
         feature_maps = self.encode(driving_BHWC)
         num_masks = len(occlusion_map)
         encoded = []

@@ -10,23 +10,34 @@ import jax.numpy as jnp
 from jax import lax
 import numpy as np
 
+from safetriage_jax.models.policy import Policy, conv_output
 
-def conv(features, kernel_size, stride=1, use_bias=True, name=None):
-    """Conv with PyTorch's symmetric zero padding of ``kernel_size // 2`` on each side."""
+
+def conv(features, kernel_size, stride=1, use_bias=True, dtype=jnp.float32, name=None):
+    """Conv with PyTorch's symmetric zero padding of ``kernel_size // 2`` on each side.
+
+    Input and (float32) kernel are cast to ``dtype``, the compute and output dtype.
+    """
     pad = kernel_size // 2
     return nn.Conv(features, (kernel_size, kernel_size), strides=(stride, stride),
-                   padding=((pad, pad), (pad, pad)), use_bias=use_bias, name=name)
+                   padding=((pad, pad), (pad, pad)), use_bias=use_bias, dtype=dtype, name=name)
 
 
-def instance_norm(name=None):
-    """PyTorch ``InstanceNorm2d(affine=True)``: per-image, per-channel, biased variance."""
-    return nn.InstanceNorm(epsilon=1e-5, use_fast_variance=False, name=name)
+def instance_norm(dtype=jnp.float32, name=None):
+    """PyTorch ``InstanceNorm2d(affine=True)``: per-image, per-channel, biased variance.
+
+    Statistics in float32 whatever ``dtype`` (the output dtype) is.
+    """
+    return nn.InstanceNorm(epsilon=1e-5, use_fast_variance=False, dtype=dtype, name=name)
 
 
-def batch_norm(train, name=None):
-    """PyTorch ``BatchNorm`` (momentum 0.1 == flax momentum 0.9), running stats in eval."""
+def batch_norm(train, dtype=jnp.float32, name=None):
+    """PyTorch ``BatchNorm`` (momentum 0.1 == flax momentum 0.9), running stats in eval.
+
+    Statistics and running averages in float32; the output in ``dtype``.
+    """
     return nn.BatchNorm(use_running_average=not train, momentum=0.9, epsilon=1e-5,
-                        use_fast_variance=False, name=name)
+                        use_fast_variance=False, dtype=dtype, name=name)
 
 
 def nearest_indices(in_size, scale):
@@ -61,17 +72,17 @@ def resize_bilinear_align_corners(x_BHWC, out_h, out_w):
     if (height, width) == (out_h, out_w):
         return x_BHWC
     low, high, frac = _align_corners_taps(height, out_h)
-    frac = frac[None, :, None, None]
+    frac = frac[None, :, None, None].astype(x_BHWC.dtype)  # numpy float32 would promote bf16
     x_BHWC = jnp.take(x_BHWC, low, axis=1) * (1 - frac) + jnp.take(x_BHWC, high, axis=1) * frac
     low, high, frac = _align_corners_taps(width, out_w)
-    frac = frac[None, None, :, None]
+    frac = frac[None, None, :, None].astype(x_BHWC.dtype)
     return jnp.take(x_BHWC, low, axis=2) * (1 - frac) + jnp.take(x_BHWC, high, axis=2) * frac
 
 
-def _conv_norm_relu(x_BHWC, features, kernel_size):
+def _conv_norm_relu(x_BHWC, features, kernel_size, dtype):
     """Conv -> InstanceNorm -> ReLU; call inside a compact method (creates 'conv', 'norm')."""
-    x_BHWC = conv(features, kernel_size, name="conv")(x_BHWC)
-    return nn.relu(instance_norm(name="norm")(x_BHWC))
+    x_BHWC = conv_output(conv(features, kernel_size, dtype=dtype, name="conv")(x_BHWC))
+    return nn.relu(instance_norm(dtype, name="norm")(x_BHWC))
 
 
 class SameBlock(nn.Module):
@@ -79,20 +90,22 @@ class SameBlock(nn.Module):
 
     features: int
     kernel_size: int = 3
+    policy: Policy = Policy()
 
     @nn.compact
     def __call__(self, x_BHWC):
-        return _conv_norm_relu(x_BHWC, self.features, self.kernel_size)
+        return _conv_norm_relu(x_BHWC, self.features, self.kernel_size, self.policy.dtype)
 
 
 class DownBlock(nn.Module):
     """Conv -> InstanceNorm -> ReLU -> 2x2 average pool (halves H and W)."""
 
     features: int
+    policy: Policy = Policy()
 
     @nn.compact
     def __call__(self, x_BHWC):
-        x_BHWC = _conv_norm_relu(x_BHWC, self.features, 3)
+        x_BHWC = _conv_norm_relu(x_BHWC, self.features, 3, self.policy.dtype)
         return nn.avg_pool(x_BHWC, (2, 2), strides=(2, 2))
 
 
@@ -100,20 +113,25 @@ class UpBlock(nn.Module):
     """Nearest x2 up-sampling -> Conv -> InstanceNorm -> ReLU (doubles H and W)."""
 
     features: int
+    policy: Policy = Policy()
 
     @nn.compact
     def __call__(self, x_BHWC):
-        return _conv_norm_relu(resize_nearest(x_BHWC, 2.0), self.features, 3)
+        return _conv_norm_relu(resize_nearest(x_BHWC, 2.0), self.features, 3, self.policy.dtype)
 
 
 class ResBlock(nn.Module):
     """Pre-activation residual block (norm -> ReLU -> conv, twice) at constant width."""
 
+    policy: Policy = Policy()
+
     @nn.compact
     def __call__(self, x_BHWC):
-        features = x_BHWC.shape[-1]
-        out = conv(features, 3, name="conv1")(nn.relu(instance_norm(name="norm1")(x_BHWC)))
-        out = conv(features, 3, name="conv2")(nn.relu(instance_norm(name="norm2")(out)))
+        features, dtype = x_BHWC.shape[-1], self.policy.dtype
+        out = nn.relu(instance_norm(dtype, name="norm1")(x_BHWC))
+        out = conv_output(conv(features, 3, dtype=dtype, name="conv1")(out))
+        out = nn.relu(instance_norm(dtype, name="norm2")(out))
+        out = conv_output(conv(features, 3, dtype=dtype, name="conv2")(out))
         return out + x_BHWC
 
 
@@ -127,13 +145,14 @@ class Hourglass(nn.Module):
     block_expansion: int
     max_features: int
     num_blocks: int
+    policy: Policy = Policy()
 
     def setup(self):
         # Level i has min(max_features, block_expansion * 2**i) channels, shallowest first.
         widths = [min(self.max_features, self.block_expansion * 2 ** i)
                   for i in range(self.num_blocks + 1)]
-        self.encoder = HourglassEncoder(tuple(widths[1:]))
-        self.decoder = HourglassDecoder(tuple(widths[:-1]))
+        self.encoder = HourglassEncoder(tuple(widths[1:]), self.policy)
+        self.decoder = HourglassDecoder(tuple(widths[:-1]), self.policy)
 
     def __call__(self, x_BHWC):
         return self.decoder(self.encoder(x_BHWC))
@@ -141,25 +160,29 @@ class Hourglass(nn.Module):
 
 class HourglassEncoder(nn.Module):
     widths: tuple
+    policy: Policy = Policy()
 
     @nn.compact
     def __call__(self, x_BHWC):
         skips = [x_BHWC]
+        down_block = self.policy.block(DownBlock)
         for i, width in enumerate(self.widths):
-            skips.append(DownBlock(width, name=f"down_blocks_{i}")(skips[-1]))
+            skips.append(down_block(width, self.policy, name=f"down_blocks_{i}")(skips[-1]))
         return skips
 
 
 class HourglassDecoder(nn.Module):
     widths: tuple  # up-block output channels, shallowest first
+    policy: Policy = Policy()
 
     @nn.compact
     def __call__(self, skips):
         skips = list(skips)
         out = skips.pop()
         outs = []
+        up_block = self.policy.block(UpBlock)
         for i, width in enumerate(reversed(self.widths)):
-            out = UpBlock(width, name=f"up_blocks_{i}")(out)
+            out = up_block(width, self.policy, name=f"up_blocks_{i}")(out)
             out = jnp.concatenate([out, skips.pop()], axis=-1)
             outs.append(out)
         return outs

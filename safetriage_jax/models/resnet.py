@@ -8,6 +8,7 @@ import flax.linen as nn
 import jax.numpy as jnp
 
 from safetriage_jax.models.layers import batch_norm, conv
+from safetriage_jax.models.policy import Policy, conv_output
 
 STAGE_WIDTHS = (64, 128, 256, 512)
 
@@ -17,35 +18,45 @@ class BasicBlock(nn.Module):
 
     features: int
     stride: int = 1
+    policy: Policy = Policy()
 
     @nn.compact
     def __call__(self, x_BHWC, train: bool):
-        out = conv(self.features, 3, self.stride, use_bias=False, name="conv1")(x_BHWC)
-        out = nn.relu(batch_norm(train, name="bn1")(out))
-        out = conv(self.features, 3, use_bias=False, name="conv2")(out)
-        out = batch_norm(train, name="bn2")(out)
+        dtype = self.policy.dtype
+        out = conv(self.features, 3, self.stride, use_bias=False, dtype=dtype, name="conv1")(x_BHWC)
+        out = nn.relu(batch_norm(train, dtype, name="bn1")(conv_output(out)))
+        out = conv(self.features, 3, use_bias=False, dtype=dtype, name="conv2")(out)
+        out = batch_norm(train, dtype, name="bn2")(conv_output(out))
         if self.stride != 1 or x_BHWC.shape[-1] != self.features:
-            x_BHWC = conv(self.features, 1, self.stride, use_bias=False, name="downsample_0")(x_BHWC)
-            x_BHWC = batch_norm(train, name="downsample_1")(x_BHWC)
+            x_BHWC = conv(self.features, 1, self.stride, use_bias=False, dtype=dtype,
+                          name="downsample_0")(x_BHWC)
+            x_BHWC = batch_norm(train, dtype, name="downsample_1")(conv_output(x_BHWC))
         return nn.relu(out + x_BHWC)
 
 
 class ResNet18(nn.Module):
-    """ResNet-18 with a linear head of ``num_outputs``; any number of input channels."""
+    """ResNet-18 with a linear head of ``num_outputs``; any number of input channels.
+
+    Runs in the policy's compute dtype, head included (the caller casts what it regresses).
+    """
 
     num_outputs: int
     head_kernel_init: object = nn.linear.default_kernel_init
     head_bias_init: object = nn.initializers.zeros_init()
+    policy: Policy = Policy()
 
     @nn.compact
     def __call__(self, x_BHWC, train: bool = False):
-        x_BHWC = conv(64, 7, 2, use_bias=False, name="conv1")(x_BHWC)
-        x_BHWC = nn.relu(batch_norm(train, name="bn1")(x_BHWC))
+        dtype = self.policy.dtype
+        x_BHWC = conv(64, 7, 2, use_bias=False, dtype=dtype, name="conv1")(x_BHWC)
+        x_BHWC = nn.relu(batch_norm(train, dtype, name="bn1")(x_BHWC))
         x_BHWC = nn.max_pool(x_BHWC, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
+        basic_block = self.policy.block(BasicBlock, static_argnums=(2,))  # train is static
         for stage, width in enumerate(STAGE_WIDTHS):
             for block in range(2):
                 stride = 2 if stage > 0 and block == 0 else 1
-                x_BHWC = BasicBlock(width, stride, name=f"layer{stage + 1}_{block}")(x_BHWC, train)
+                x_BHWC = basic_block(width, stride, self.policy,
+                                     name=f"layer{stage + 1}_{block}")(x_BHWC, train)
         features_BC = jnp.mean(x_BHWC, axis=(1, 2))
         return nn.Dense(self.num_outputs, kernel_init=self.head_kernel_init,
-                        bias_init=self.head_bias_init, name="fc")(features_BC)
+                        bias_init=self.head_bias_init, dtype=dtype, name="fc")(features_BC)

@@ -14,30 +14,38 @@ from safetriage_jax.models.config import TPSMMConfig
 from safetriage_jax.models.dense_motion import DenseMotionNetwork
 from safetriage_jax.models.inpainting import InpaintingNetwork
 from safetriage_jax.models.keypoints import BGMotionPredictor, KPDetector
+from safetriage_jax.models.policy import Policy
 
 SUBMODULES = ("kp_detector", "bg_predictor", "dense_motion_network", "inpainting_network",
               "avd_network")
 
 
 class TPSMM(nn.Module):
-    """Keypoint detector, background predictor, dense motion, inpainting and AVD networks."""
+    """Keypoint detector, background predictor, dense motion, inpainting and AVD networks.
+
+    ``policy`` sets the compute dtype and remat of the image networks (see ``models.policy``);
+    the AVD MLPs work on keypoints and stay float32.
+    """
 
     config: TPSMMConfig
+    policy: Policy = Policy()
 
     def setup(self):
-        cfg = self.config
-        self.kp_detector = KPDetector(cfg.num_tps)
+        cfg, policy = self.config, self.policy
+        self.kp_detector = KPDetector(cfg.num_tps, policy)
         if cfg.bg:
-            self.bg_predictor = BGMotionPredictor()
+            self.bg_predictor = BGMotionPredictor(policy)
         self.dense_motion_network = DenseMotionNetwork(
             num_tps=cfg.num_tps, block_expansion=cfg.dense_block_expansion,
             max_features=cfg.dense_max_features, num_blocks=cfg.dense_num_blocks,
             scale_factor=cfg.scale_factor, multi_mask=cfg.multi_mask,
-            kp_variance=cfg.kp_variance, warp_implementation=cfg.warp_implementation)
+            kp_variance=cfg.kp_variance, warp_implementation=cfg.warp_implementation,
+            policy=policy)
         self.inpainting_network = InpaintingNetwork(
             num_channels=cfg.num_channels, block_expansion=cfg.generator_block_expansion,
             max_features=cfg.generator_max_features, num_down_blocks=cfg.num_down_blocks,
-            multi_mask=cfg.multi_mask, warp_implementation=cfg.warp_implementation)
+            multi_mask=cfg.multi_mask, warp_implementation=cfg.warp_implementation,
+            policy=policy)
         self.avd_network = AVDNetwork(cfg.num_tps, cfg.id_bottle_size, cfg.pose_bottle_size)
 
     def __call__(self, source_BHWC, driving_BHWC, train: bool = False, dropout_p=0.0,

@@ -9,6 +9,7 @@ import jax.numpy as jnp
 import flax.linen as nn
 
 from safetriage_jax.models.layers import conv
+from safetriage_jax.models.policy import Policy, conv_output
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -23,14 +24,18 @@ class VGG19Features(nn.Module):
 
     The input is ImageNet-normalised first, as upstream's ``Vgg19`` does. The weights are frozen
     (torchvision's ImageNet weights via ``porting.port_vgg19``): the loss stops gradients to them.
+    Convolutions and activations run in the policy's compute dtype; remat is the caller's.
     """
 
     num_slices: int = 5  # stop after this many outputs (a loss that ignores relu5_1 skips it)
+    policy: Policy = Policy()
 
     @nn.compact
     def __call__(self, images_BHWC):
-        mean = jnp.asarray(IMAGENET_MEAN, images_BHWC.dtype)
-        std = jnp.asarray(IMAGENET_STD, images_BHWC.dtype)
+        dtype = self.policy.dtype
+        images_BHWC = images_BHWC.astype(dtype)
+        mean = jnp.asarray(IMAGENET_MEAN, dtype)
+        std = jnp.asarray(IMAGENET_STD, dtype)
         x_BHWC = (images_BHWC - mean) / std
         outputs, index = [], 0
         for width in _LAYERS:
@@ -38,7 +43,8 @@ class VGG19Features(nn.Module):
                 x_BHWC = nn.max_pool(x_BHWC, (2, 2), strides=(2, 2))
                 index += 1
             else:  # Conv2d(3x3, padding 1) at `index`, ReLU at index + 1
-                x_BHWC = nn.relu(conv(width, 3, name=f"features_{index}")(x_BHWC))
+                x_BHWC = nn.relu(conv_output(conv(width, 3, dtype=dtype,
+                                                  name=f"features_{index}")(x_BHWC)))
                 index += 2
             if index in SLICE_ENDS:
                 outputs.append(x_BHWC)

@@ -18,8 +18,8 @@ from tqdm import tqdm
 
 from safetriage_jax.errors import SafeTriageError
 from safetriage_jax.models.config import TPSMMConfig
-from safetriage_jax.models.tpsmm import TPSMM, initialize
-from safetriage_jax.models.vgg import VGG19Features, random_vgg19_variables
+from safetriage_jax.models.tpsmm import initialize
+from safetriage_jax.models.vgg import random_vgg19_variables
 from safetriage_jax.train import step as train_lib
 from safetriage_jax.train.checkpoints import TrainCheckpoints
 from safetriage_jax.train.logbook import Logbook, sample_grid
@@ -78,10 +78,8 @@ class Trainer:
         if config.train.batch_size % self.mesh.size:
             raise SafeTriageError(f"train.batch_size {config.train.batch_size} must be a multiple "
                                   f"of the device count {self.mesh.size}.")
-        self.model_config = model_config(config)
-        self.model = TPSMM(self.model_config)
-        used = [i for i, w in enumerate(config.train.loss_weights.perceptual) if w]
-        self.vgg = VGG19Features(num_slices=used[-1] + 1 if used else 1)
+        self.model, self.vgg = train_lib.networks(config)
+        self.model_config = self.model.config
         self.steps_per_epoch = steps_per_epoch
         self.txs = train_lib.optimizers(config.train, steps_per_epoch, self.model_config.bg)
         self.replicated = NamedSharding(self.mesh, PartitionSpec())
@@ -115,8 +113,8 @@ class Trainer:
         variables = {"params": state.params, "batch_stats": state.batch_stats,
                      "buffers": state.buffers}
         out = self.model.apply(variables, images["source"], images["driving"])
-        return (images["source"], images["driving"], out["prediction"],
-                out["dense_motion"]["occlusion_map"][-1])
+        return (images["source"], images["driving"], out["prediction"].astype(jnp.float32),
+                out["dense_motion"]["occlusion_map"][-1].astype(jnp.float32))
 
     def variables(self, state):
         return {"params": state.params, "batch_stats": state.batch_stats, "buffers": state.buffers}

@@ -6,7 +6,8 @@
   driving keypoints;
 - warp: occlusion-masked driving-frame encoder features vs the flow-warped source features;
 - background: the source->driving and driving->source affines must compose to the identity.
-Each returns an unweighted scalar; the trainer applies the config's weights.
+Each returns an unweighted float32 scalar (reductions run in float32 whatever the activations'
+dtype); the trainer applies the config's weights.
 """
 
 import jax
@@ -15,6 +16,11 @@ import jax.numpy as jnp
 from safetriage_jax.kernels.grid_sample import grid_sample
 from safetriage_jax.models import geometry
 from safetriage_jax.models.layers import anti_alias_downsample
+
+
+def _mean_abs(x):
+    """mean |x|, accumulated in float32."""
+    return jnp.mean(jnp.abs(x), dtype=jnp.float32)
 
 
 def image_pyramid(image_BHWC, scales):
@@ -27,7 +33,7 @@ def perceptual(vgg_features, prediction_BHWC, target_BHWC, scales, layer_weights
     for predicted, real in zip(image_pyramid(prediction_BHWC, scales),
                                image_pyramid(target_BHWC, scales)):
         for weight, x, y in zip(layer_weights, vgg_features(predicted), vgg_features(real)):
-            total = total + weight * jnp.mean(jnp.abs(x - jax.lax.stop_gradient(y)))
+            total = total + weight * _mean_abs(x - jax.lax.stop_gradient(y))
     return total
 
 
@@ -44,13 +50,13 @@ def equivariance_frame(rng, driving_BHWC, transform, warp_implementation=None):
 
 def equivariance(kp_driving_BN2, kp_transformed_BN2, tps):
     """mean |kp(driving) - T(kp(T^-1 driving))|: keypoints must follow a known warp."""
-    return jnp.mean(jnp.abs(kp_driving_BN2 - geometry.warp_random_tps(tps, kp_transformed_BN2)))
+    return _mean_abs(kp_driving_BN2 - geometry.warp_random_tps(tps, kp_transformed_BN2))
 
 
 def warp(encoded_driving_maps, warped_source_maps):
     """sum over levels of mean |encoder(driving) - warp(encoder(source))|; the lists run in
     opposite orders (full resolution first vs deepest first), as the generator produces them."""
-    return sum(jnp.mean(jnp.abs(encoded - warped)) for encoded, warped in
+    return sum(_mean_abs(encoded - warped) for encoded, warped in
                zip(encoded_driving_maps, reversed(warped_source_maps)))
 
 
@@ -58,4 +64,4 @@ def background(bg_forward_B33, bg_reverse_B33):
     """mean |I - A_sd A_ds|: the two background affines must be inverse to each other."""
     product = jnp.einsum("bij,bjk->bik", bg_forward_B33, bg_reverse_B33,
                          precision=jax.lax.Precision.HIGHEST)
-    return jnp.mean(jnp.abs(jnp.eye(3, dtype=product.dtype) - product))
+    return _mean_abs(jnp.eye(3, dtype=product.dtype) - product)

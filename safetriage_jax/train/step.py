@@ -6,6 +6,9 @@ upstream's synchronised BatchNorm). Epoch-dependent behaviour (TPS dropout, back
 predictor from ``bg_start``) is computed from the step inside the jit, so one compiled step
 serves the whole run. The AVD network is not trained here (upstream trains it in a second
 phase); its variables pass through unchanged.
+
+``train.precision`` and ``train.remat`` make the networks' :class:`Policy`: parameters stay
+float32 and each layer casts them to the compute dtype; losses are reduced in float32.
 """
 
 import functools
@@ -15,7 +18,11 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from safetriage_jax.models.tpsmm import TPSMM
+from safetriage_jax.models.config import TPSMMConfig
+from safetriage_jax.models.policy import Policy
+from safetriage_jax.models.tpsmm import TPSMM, initialize
+from safetriage_jax.models.vgg import VGG19Features
+from safetriage_jax.models import vgg as vgg_lib
 from safetriage_jax.train import augment, losses, optimizer
 
 
@@ -27,6 +34,20 @@ class TrainState:
     buffers: dict
     opt_state: dict          # {"generator": ..., "bg": ...}
     rng: jax.Array
+
+
+def policy(train_cfg) -> Policy:
+    """The networks' compute dtype and remat policy from ``train.precision`` / ``train.remat``."""
+    return Policy(precision=train_cfg.precision, remat=train_cfg.remat)
+
+
+def networks(config):
+    """(TPSMM, VGG-19 feature extractor) of a training config, both under its :func:`policy`."""
+    model_config = TPSMMConfig.from_dict(config.model.to_dict())
+    used = [i for i, w in enumerate(config.train.loss_weights.perceptual) if w]
+    train_policy = policy(config.train)
+    return (TPSMM(model_config, train_policy),
+            VGG19Features(num_slices=used[-1] + 1 if used else 1, policy=train_policy))
 
 
 def optimizers(train_cfg, steps_per_epoch, has_bg):
@@ -54,17 +75,18 @@ def _select(pred, on_true, on_false):
     return jax.tree.map(lambda a, b: jnp.where(pred, a, b), on_true, on_false)
 
 
-def _cast_floats(tree, dtype):
-    return jax.tree.map(lambda x: x.astype(dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x,
-                        tree)
+def frozen_features(vgg, vgg_params, policy):
+    """images -> VGG features with the weights gradient-stopped, rematerialised under ``policy``."""
+    vgg_params = jax.lax.stop_gradient(vgg_params)
+    apply = policy.function(vgg.apply)
+    return lambda images_BHWC: apply(vgg_params, images_BHWC)
 
 
 def generator_losses(params, state, batch, rng, *, model, vgg_features, cfg, epoch):
     """Weighted upstream losses for one batch; returns (total, (terms, new batch_stats))."""
     tcfg = cfg.train
     weights = tcfg.loss_weights
-    compute_dtype = jnp.bfloat16 if tcfg.precision == "bfloat16" else jnp.float32
-    params = _cast_floats(params, compute_dtype)
+    compute_dtype = model.policy.dtype
     stats = state.batch_stats
     variables = lambda: {"params": params, "batch_stats": stats, "buffers": state.buffers}
 
@@ -73,7 +95,7 @@ def generator_losses(params, state, batch, rng, *, model, vgg_features, cfg, epo
         out, updated = model.apply(variables(), *args, method=method, mutable=["batch_stats"],
                                    **kwargs)
         stats = updated["batch_stats"]
-        return out.astype(jnp.float32)  # keypoints and affines: geometry stays float32
+        return out  # keypoints and affines: float32 (geometry)
 
     source, driving = batch["source"].astype(compute_dtype), batch["driving"].astype(compute_dtype)
     dropout_key, tps_key = jax.random.split(rng)
@@ -108,9 +130,7 @@ def generator_losses(params, state, batch, rng, *, model, vgg_features, cfg, epo
             reverse = run(TPSMM.background, driving, source, True)
             terms["bg"] = jnp.where(bg_active, weights.bg * losses.background(predicted, reverse), 0.)
         stats = dict(stats, bg_predictor=_select(bg_active, stats["bg_predictor"], old_bg_stats))
-    terms = {k: v.astype(jnp.float32) for k, v in terms.items()}
     total = sum(terms.values())
-    stats = _cast_floats(stats, jnp.float32)
     return total, (terms, stats)
 
 
@@ -124,9 +144,7 @@ def train_step(state: TrainState, batch, vgg_params, *, model, vgg, txs, cfg, st
     pair = augment.color_jitter(jitter_key, pair, **cfg.data.jitter)
     batch = {"source": pair[:, 0], "driving": pair[:, 1]}
 
-    compute_dtype = jnp.bfloat16 if tcfg.precision == "bfloat16" else jnp.float32
-    vgg_params = _cast_floats(jax.lax.stop_gradient(vgg_params), compute_dtype)
-    vgg_features = functools.partial(vgg.apply, vgg_params)
+    vgg_features = frozen_features(vgg, vgg_params, model.policy)
     loss_fn = functools.partial(generator_losses, state=state, batch=batch, rng=loss_key,
                                 model=model, vgg_features=vgg_features, cfg=cfg, epoch=epoch)
     grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
@@ -151,3 +169,21 @@ def train_step(state: TrainState, batch, vgg_params, *, model, vgg, txs, cfg, st
     new_state = state.replace(step=state.step + 1, params=params, batch_stats=batch_stats,
                               opt_state=opt_state)
     return new_state, metrics
+
+
+def lower_train_step(config, batch_size, steps_per_epoch=1000):
+    """The jitted :func:`train_step` of ``config`` lowered on abstract inputs (one device).
+
+    Needs no data and no VGG weights file: state, batch (float32 images in [0, 1]) and VGG
+    variables are ``jax.ShapeDtypeStruct``s. Inspect ``.as_text()`` or ``.compile()`` it.
+    """
+    model, vgg = networks(config)
+    txs = optimizers(config.train, steps_per_epoch, model.config.bg)
+    state = jax.eval_shape(lambda: create_state(initialize(model.config, jax.random.PRNGKey(0)),
+                                                txs, jax.random.PRNGKey(1)))
+    size = model.config.image_size
+    images = jax.ShapeDtypeStruct((batch_size, size, size, model.config.num_channels), jnp.float32)
+    step = jax.jit(functools.partial(train_step, model=model, vgg=vgg, txs=txs, cfg=config,
+                                     steps_per_epoch=steps_per_epoch),
+                   donate_argnums=0)  # as the trainer's: the new state reuses the old's buffers
+    return step.lower(state, {"source": images, "driving": images}, vgg_lib.variable_shapes())

@@ -1,0 +1,124 @@
+"""Precision policy and remat: where the conv FLOPs run, bf16 training tracks float32, remat is exact."""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from configs.train import get_config
+from safetriage_jax.errors import SafeTriageError
+from safetriage_jax.models.layers import SameBlock
+from safetriage_jax.models.policy import Policy
+from safetriage_jax.models.tpsmm import TPSMM
+from safetriage_jax.models.vgg import VGG19Features, random_vgg19_variables
+from safetriage_jax.train import cost, loop, step
+from conftest import TINY as TINY_MODEL
+
+# The tiny training config of train_test (same networks), two pyramid scales, batch 2.
+TINY = ("small,model.num_tps=2,model.generator_block_expansion=8,model.generator_max_features=16,"
+        "model.dense_block_expansion=8,model.dense_max_features=16,train.batch_size=2,"
+        "train.scales=1.0;0.5,train.bg_start=0,train.loss_weights.perceptual=10.0;10.0;0.0;0.0;0.0")
+
+
+def rel(a, b):
+    """Relative error of a whole tree (float64 norms)."""
+    a, b = (np.concatenate([np.ravel(np.asarray(x, np.float64)) for x in jax.tree.leaves(t)])
+            for t in (a, b))
+    return float(np.linalg.norm(a - b) / np.linalg.norm(b))
+
+
+def test_conv_flop_count_matches_the_formula_forward_and_backward(rng):
+    """One 3x3 conv (2 N H W Cin Cout 9 FLOPs), and with its two gradients (input, kernel) 3x."""
+    image = jnp.asarray(rng.standard_normal((2, 8, 8, 3)), jnp.bfloat16)
+    kernel = jnp.asarray(rng.standard_normal((3, 3, 3, 5)), jnp.bfloat16)
+    conv = lambda x, k: jax.lax.conv_general_dilated(x, k, (1, 1), ((1, 1), (1, 1)),
+                                                     dimension_numbers=("NHWC", "HWIO", "NHWC"))
+    forward = 2 * 2 * 8 * 8 * 3 * 5 * 9
+    assert cost.conv_flops_by_dtype(jax.jit(conv).lower(image, kernel).as_text()) == {"bf16": forward}
+    loss = lambda x, k: jnp.sum(conv(x, k).astype(jnp.float32))
+    text = jax.jit(jax.value_and_grad(loss, argnums=(0, 1))).lower(image, kernel).as_text()
+    assert cost.conv_flops_by_dtype(text) == {"bf16": 3 * forward}
+
+
+def test_bf16_policy_puts_the_vox256_step_convs_in_bf16():
+    """>= 95% of the conv FLOPs of the whole vox-256 step (forward, backward, VGG) in bf16."""
+    config = get_config("vox-256,train.precision=bfloat16,train.perceptual_weights=random")
+    flops = cost.conv_flops_by_dtype(step.lower_train_step(config, batch_size=1).as_text())
+    print({k: f"{v / 1e9:.1f} GFLOP" for k, v in flops.items()})
+    assert sum(flops.values()) > 500e9  # the whole step is counted (~1.1 TFLOP per pair)
+    assert cost.conv_share(flops, "bf16") >= 0.95
+
+
+@pytest.fixture(scope="module")
+def tiny_batches():
+    data = np.random.default_rng(0)
+    return [{k: data.integers(0, 256, (2, 64, 64, 3), np.uint8) for k in ("source", "driving")}
+            for _ in range(3)]
+
+
+def test_bf16_training_tracks_float32(tiny_batches):
+    """Three steps from the same state and batches. The first loss (same weights) agrees to 1%;
+    later ones to 10%: Adam's first steps move each weight by about +-lr whatever the gradient's
+    size, so gradients that bf16 rounding flips in sign move weights apart."""
+    losses = {}
+    initial = None
+    for precision in ("float32", "bfloat16"):
+        trainer = loop.Trainer(get_config(f"{TINY},train.precision={precision}"), 1000)
+        initial = initial or jax.device_get(trainer.initial_state())
+        state, vgg = jax.device_put(initial, trainer.replicated)
+        losses[precision] = []
+        for batch in tiny_batches:
+            state, metrics = trainer.step(state, trainer.global_batch(batch), vgg)
+            losses[precision].append(float(metrics["loss"]))
+        assert jax.tree.leaves(state.params)[0].dtype == jnp.float32  # master weights
+    print(losses)
+    f32, bf16 = np.array(losses["float32"]), np.array(losses["bfloat16"])
+    np.testing.assert_allclose(bf16[0], f32[0], rtol=0.01)
+    np.testing.assert_allclose(bf16, f32, rtol=0.1)
+
+
+def test_remat_leaves_gradients_unchanged(rng, tiny_variables):
+    """Gradients through every block kind (ResNet with BatchNorm, hourglass, generator, warps,
+    VGG) with and without remat agree to float32 rounding; the variables keep their names.
+    ``blocks`` recomputes everything; ``conv_outputs`` shares its wrapping (only the policy
+    function differs), so one of the two is compiled here to keep the test fast."""
+    source, driving = (jnp.asarray(rng.random((2, 64, 64, 3)), jnp.float32) for _ in range(2))
+    vgg_params = random_vgg19_variables(jax.random.PRNGKey(0))
+
+    def loss(params, remat):
+        policy = Policy(remat=remat)
+        out, _ = TPSMM(TINY_MODEL, policy).apply(dict(tiny_variables, params=params), source,
+                                                  driving, train=True, mutable=["batch_stats"])
+        features = step.frozen_features(VGG19Features(2, policy), vgg_params, policy)
+        prediction = out["prediction"]
+        return (jnp.mean(jnp.abs(prediction - driving)) + jnp.mean(out["kp_source"] ** 2)
+                + sum(jnp.mean(f) for f in features(prediction))
+                + sum(jnp.mean(m ** 2) for m in out["warped_encoder_maps"]))
+
+    grad_fn = jax.jit(jax.grad(loss), static_argnums=1)
+    plain, remat = (grad_fn(tiny_variables["params"], name) for name in ("none", "blocks"))
+    error = rel(remat, plain)
+    print("relative gradient difference with remat=blocks:", error)
+    assert error < 1e-5
+
+
+@pytest.mark.parametrize("remat, convs", [("none", 3), ("blocks", 4), ("conv_outputs", 3)])
+def test_remat_policies_recompute_what_they_say(rng, remat, convs):
+    """A block's forward and backward pass: 3 convs' worth (forward, input and kernel grads);
+    ``blocks`` recomputes the forward conv (4), ``conv_outputs`` keeps its output (3)."""
+    block = Policy(remat=remat).block(SameBlock)(8, policy=Policy(remat=remat))
+    image = jnp.asarray(rng.random((1, 8, 8, 4)), jnp.float32)
+    variables = block.init(jax.random.PRNGKey(0), image)
+    loss = lambda v, x: jnp.sum(block.apply(v, x) ** 2)
+    text = jax.jit(jax.value_and_grad(loss, argnums=(0, 1))).lower(variables, image).as_text()
+    forward = 2 * 8 * 8 * 4 * 8 * 9
+    assert cost.conv_flops_by_dtype(text) == {"f32": convs * forward}
+
+
+def test_unknown_policy_names_are_rejected():
+    with pytest.raises(SafeTriageError, match="precision"):
+        Policy(precision="float16")
+    with pytest.raises(SafeTriageError, match="remat"):
+        Policy(remat="everything")
