@@ -51,7 +51,11 @@ def _write_directory(out_dir, overwrite, fill, entries, inputs=()):
 
 
 def _save_tree(directory, tree):
-    with ocp.StandardCheckpointer() as checkpointer:
+    # This process alone: in a multi-process run only the primary writes model directories,
+    # and orbax's default barriers would wait for every process.
+    alone = ocp.options.MultiprocessingOptions(primary_host=jax.process_index(),
+                                               active_processes={jax.process_index()})
+    with ocp.StandardCheckpointer(multiprocessing_options=alone) as checkpointer:
         checkpointer.save(directory, jax.tree.map(np.asarray, tree))
 
 

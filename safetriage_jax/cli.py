@@ -117,17 +117,19 @@ def _run_training(args, train_fn, what, result, hint=""):
     the config, the run, and a one-line result."""
     import jax
     from safetriage_jax.models.config import load_python_config
-    if args.distributed:
-        jax.distributed.initialize()
+    from safetriage_jax.train import distributed
+    distributed.initialize(distributed.launch_settings(
+        args.coordinator_address, args.num_processes, args.process_id), auto=args.distributed)
     if not jax.config.jax_compilation_cache_dir:  # restarts and --resume skip recompiling
         jax.config.update("jax_compilation_cache_dir",
                           str(pathlib.Path("~/.cache/safetriage-jax/xla").expanduser()))
     config = load_python_config(args.config)
     start = time.perf_counter()
     _, metrics = train_fn(config, args.workdir, resume=args.resume)
-    print(f"Trained {what} to {args.workdir} in {time.perf_counter() - start:.0f} s; last loss "
-          f"{float(metrics.get('loss', float('nan'))):.4f}. Result: "
-          f"{pathlib.Path(args.workdir) / result}{hint}")
+    if distributed.is_primary():
+        print(f"Trained {what} to {args.workdir} in {time.perf_counter() - start:.0f} s; last "
+              f"loss {float(metrics.get('loss', float('nan'))):.4f}. Result: "
+              f"{pathlib.Path(args.workdir) / result}{hint}")
 
 
 def cmd_train(args):
@@ -269,7 +271,14 @@ def build_parser():
         p.add_argument("--workdir", required=True, help="checkpoints, logs, samples and the result")
         p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint")
         p.add_argument("--distributed", action="store_true",
-                       help="multi-host: call jax.distributed.initialize() (cluster auto-detected)")
+                       help="multi-host on a detected cluster (SLURM, Open MPI, Kubernetes, "
+                            "Cloud TPU); or give the three settings below")
+        p.add_argument("--coordinator-address", default=None, metavar="HOST:PORT",
+                       help="multi-host: process 0's address (or $SAFETRIAGE_COORDINATOR_ADDRESS)")
+        p.add_argument("--num-processes", default=None, metavar="N",
+                       help="multi-host: processes in the run (or $SAFETRIAGE_NUM_PROCESSES)")
+        p.add_argument("--process-id", default=None, metavar="I",
+                       help="multi-host: this process, 0..N-1 (or $SAFETRIAGE_PROCESS_ID)")
         p.set_defaults(func=func)
 
     add_training("train", "train the backbone (configs/train.py:VARIANT)",

@@ -30,7 +30,7 @@ def test_pairs_are_two_sorted_frames_of_one_clip_with_flips():
     clips = numbered_clips(3, 2)
     options = pipeline.PairOptions(id_sampling=True, num_repeats=4)
     batches, _ = drain(pipeline.training_pairs(clips, global_batch_size=4, seed=1,
-                                               options=options), 12)
+                                               options=options, num_steps=12), 12)
     flips = time_flips = 0
     for batch in batches:
         assert batch["source"].shape == (4, 8, 8, 3) and batch["source"].dtype == np.uint8
@@ -42,19 +42,28 @@ def test_pairs_are_two_sorted_frames_of_one_clip_with_flips():
     assert pipeline.steps_per_epoch(clips, global_batch_size=4, options=options) == 3
 
 
-def test_pipeline_is_deterministic_and_resumes_from_its_state():
+def test_the_global_batch_depends_on_seed_and_step_alone():
+    """1 and 2 processes see the same global batches in the same order, and a stream started
+    at a later step (a resume) continues it; another seed gives another stream."""
     clips = numbered_clips(4, 2)
     options = pipeline.PairOptions(id_sampling=False, num_repeats=2)
-    make = lambda: pipeline.training_pairs(clips, global_batch_size=2, seed=7, options=options)
-    reference, _ = drain(make(), 8)
-    _, it = drain(make(), 3)
-    state = it.get_state()
-    resumed = iter(make())
-    resumed.set_state(state)
-    for expected in reference[3:]:
-        got = next(resumed)
-        np.testing.assert_array_equal(got["source"], expected["source"])
-        np.testing.assert_array_equal(got["driving"], expected["driving"])
+    make = lambda processes=1, index=0, start=0, seed=7: pipeline.training_pairs(
+        clips, global_batch_size=4, seed=seed, options=options, num_steps=6, start_step=start,
+        process_index=index, process_count=processes)
+    reference = list(make())
+    assert len(reference) == 6
+    halves = [list(make(2, index)) for index in range(2)]
+    resumed = list(make(2, 1, start=3))
+    for step, expected in enumerate(reference):
+        for key in ("source", "driving"):
+            together = np.concatenate([halves[0][step][key], halves[1][step][key]])
+            np.testing.assert_array_equal(together, expected[key])
+            if step >= 3:
+                np.testing.assert_array_equal(resumed[step - 3][key], expected[key][2:])
+    other = list(make(seed=8))
+    assert any(not np.array_equal(a["source"], b["source"]) for a, b in zip(reference, other))
+    first_epoch = np.concatenate([batch["source"][:, 0, 0, 0] for batch in reference[:4]])
+    assert sorted(first_epoch.tolist()) == sorted(list(range(8)) * 2)  # each clip num_repeats times
 
 
 def write_clip(path, frames):
@@ -113,16 +122,12 @@ def test_synthetic_builder_records_reproduce_from_their_parameters(tmp_path):
                                atol=1e-6)
 
 
-def test_worker_processes_are_deterministic_and_resumable():
+def test_worker_processes_give_the_same_stream():
     clips = numbered_clips(3, 2)
     options = pipeline.PairOptions(id_sampling=True, num_repeats=2)
-    make = lambda: iter(pipeline.training_pairs(clips, global_batch_size=2, seed=5,
-                                                options=options, worker_count=2))
-    first, second = make(), make()
-    reference = [next(first) for _ in range(4)]
-    for expected in reference[:2]:
-        np.testing.assert_array_equal(next(second)["source"], expected["source"])
-    resumed = make()
-    resumed.set_state(second.get_state())
-    for expected in reference[2:]:
-        np.testing.assert_array_equal(next(resumed)["driving"], expected["driving"])
+    make = lambda workers, start=0: list(pipeline.training_pairs(
+        clips, global_batch_size=2, seed=5, options=options, num_steps=4, start_step=start,
+        worker_count=workers))
+    reference = make(0)
+    for got, expected in zip(make(2) + make(2, start=2), reference + reference[2:]):
+        np.testing.assert_array_equal(got["driving"], expected["driving"])

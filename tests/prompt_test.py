@@ -8,7 +8,7 @@ import pytest
 from conftest import ROOT, SAMPLES, TINY
 from safetriage_jax import cli
 from safetriage_jax.checkpoint import load_model, load_prompt, save_model
-from safetriage_jax.data.simulated_patients import PatientOptions, SimulatedPatients
+from safetriage_jax.data.simulated_patients import IMAGE_KEYS, PatientOptions, SimulatedPatients
 from safetriage_jax.errors import SafeTriageError
 from safetriage_jax.models import prompt as prompt_lib
 from safetriage_jax.models.config import load_python_config
@@ -117,17 +117,15 @@ def test_training_moves_only_the_prompt_and_deid_uses_it(tmp_path, tiny_variable
         load_prompt(backbone_dir)
 
 
-def test_patient_batches_resume_through_a_training_checkpoint(tmp_path):
+def test_patient_batches_are_the_same_stream_for_any_process_count_and_resume():
+    from safetriage_jax.data.pipeline import process_batches
     from safetriage_jax.data.simulated_patients import patient_batches
-    from safetriage_jax.train.checkpoints import TrainCheckpoints
     options = PatientOptions(size=32, clip_frames=6)
-    batches = patient_batches(options, 2, seed=5)
-    next(batches)
-    checkpoints = TrainCheckpoints(tmp_path, async_save=False)
-    checkpoints.save(1, {"w": np.arange(3.0)}, batches.get_state())  # a grain dict state
-    checkpoints.close()
-    expected = next(batches)
-    _, data_state, step = TrainCheckpoints(tmp_path).restore_latest({"w": np.zeros(3)})
-    resumed = patient_batches(options, 2, seed=5)
-    resumed.set_state(data_state)
-    assert step == 1 and all(np.array_equal(expected[k], v) for k, v in next(resumed).items())
+    reference = list(patient_batches(options, 2, seed=5, num_steps=2))
+    patients = SimulatedPatients(options, seed=5)
+    second_half = list(process_batches(patients, global_batch_size=2, start_step=1, num_steps=2,
+                                       process_index=1, process_count=2))
+    assert len(reference) == 2 and len(second_half) == 1
+    for key in IMAGE_KEYS:
+        np.testing.assert_array_equal(reference[1][key], np.stack([patients[2][key], patients[3][key]]))
+        np.testing.assert_array_equal(second_half[0][key], reference[1][key][1:])

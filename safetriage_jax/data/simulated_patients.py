@@ -37,7 +37,7 @@ class SimulatedPatients:
     def __len__(self):
         return self.length
 
-    def __repr__(self):  # grain checks a restored state against the source's repr
+    def __repr__(self):
         return f"SimulatedPatients({self.options}, seed={self.seed}, length={self.length})"
 
     def __getitem__(self, index):
@@ -60,15 +60,11 @@ class SimulatedPatients:
         return example
 
 
-def patient_batches(options, batch_size, seed=0, split="train", worker_count=0):
-    """A grain iterator of batches (checkpointable with ``get_state``/``set_state``), sharded
-    over processes: each process reads its own slice of the example stream."""
-    import grain
-    import jax
-    local = batch_size // jax.process_count()
-    dataset = grain.MapDataset.source(SimulatedPatients(options, seed, split))
-    dataset = dataset[jax.process_index()::jax.process_count()].batch(local, drop_remainder=True)
-    iterable = dataset.to_iter_dataset()
-    if worker_count:
-        iterable = iterable.mp_prefetch(grain.MultiprocessingOptions(num_workers=worker_count))
-    return iter(iterable)
+def patient_batches(options, batch_size, *, num_steps, seed=0, split="train", start_step=0,
+                    worker_count=0):
+    """This process's batches of simulated patients for steps ``start_step + 1 .. num_steps``:
+    example ``i`` of global batch ``s`` is ``SimulatedPatients[s * batch_size + i]`` whatever
+    the process count (see ``pipeline.process_batches``)."""
+    from safetriage_jax.data.pipeline import process_batches
+    return process_batches(SimulatedPatients(options, seed, split), global_batch_size=batch_size,
+                           start_step=start_step, num_steps=num_steps, worker_count=worker_count)

@@ -1,13 +1,17 @@
 """``train(config, workdir)``: builds data, model and optimizer, then runs the jitted step over a
 device mesh with checkpoints, logs and sample grids; ends by writing ``workdir/model``.
 
-One process per host; call ``jax.distributed.initialize()`` first on multi-host runs (the CLI's
-``--distributed``). The global batch is split over all devices of all hosts along the mesh's
-``data`` axis; each host feeds its own shard of the sampler's stream.
+The skeleton every trainer shares lives here too: :class:`MeshTrainer` (mesh, shardings, the
+jitted step and sample function, global batches) and :func:`fit` (checkpoints, resume, device
+prefetch and the loop). One process per host; join a multi-host run first
+(``train.distributed.initialize``). The global batch is split over all devices of all hosts
+along the mesh's ``data`` axis; each process feeds its slice of the global batch, which is a
+function of (seed, step) alone, so runs reproduce across topologies at equal global batch.
 """
 
 import collections
 import functools
+import json
 import pathlib
 
 import jax
@@ -19,7 +23,8 @@ from tqdm import tqdm
 from safetriage_jax.errors import SafeTriageError
 from safetriage_jax.models.config import TPSMMConfig
 from safetriage_jax.models.tpsmm import initialize
-from safetriage_jax.models.vgg import random_vgg19_variables
+from safetriage_jax.models.vgg import VGG19Features, random_vgg19_variables
+from safetriage_jax.train import distributed
 from safetriage_jax.train import step as train_lib
 from safetriage_jax.train.checkpoints import TrainCheckpoints
 from safetriage_jax.train.logbook import Logbook, sample_grid
@@ -42,7 +47,13 @@ def perceptual_variables(spec, rng):
 
 
 def open_dataset(config, split):
-    """The prepared tfds builder's random-access source for ``split`` and its cache folder."""
+    """The prepared tfds builder's random-access source for ``split`` and its cache folder.
+    Prepared by process 0 first; the others then open the finished files."""
+    return distributed.primary_first(lambda: _open_dataset(config, split),
+                                      f"dataset-prepared-{split}")
+
+
+def _open_dataset(config, split):
     from safetriage_jax.data import builders
     data = config.data
     data_dir = pathlib.Path(data.data_dir).expanduser()
@@ -65,31 +76,68 @@ def pair_options(config):
                        horizontal_flip=d.horizontal_flip, time_flip=d.time_flip)
 
 
-def to_float_images(batch):
-    return {k: batch[k].astype(jnp.float32) / 255.0 for k in ("source", "driving")}
+class MeshTrainer:
+    """What every trainer shares: the mesh over all devices of all processes, the batch-size
+    check, shardings (state replicated, batch split along ``data``), the jitted step and sample
+    function, and global batches from per-process ones. Subclasses set ``image_keys``, ``step``
+    and ``predict`` and implement ``initial_state()`` (state, VGG variables),
+    ``step_extras(vgg)`` and ``predict_extras()`` (the jitted functions' arguments after the
+    batch) and ``checkpoint_meta()`` (what a checkpoint must match to be resumed)."""
 
+    image_keys = ("source", "driving")
 
-class Trainer:
-    """Everything a run needs, built from the config: mesh, model, optimizers, jitted step."""
-
-    def __init__(self, config, steps_per_epoch, mesh=None):
+    def __init__(self, config, mesh=None):
         self.config = config
         self.mesh = mesh or data_mesh()
         if config.train.batch_size % self.mesh.size:
             raise SafeTriageError(f"train.batch_size {config.train.batch_size} must be a multiple "
                                   f"of the device count {self.mesh.size}.")
-        self.model, self.vgg = train_lib.networks(config)
+        self.replicated = NamedSharding(self.mesh, PartitionSpec())
+        self.batch_sharding = NamedSharding(self.mesh, PartitionSpec("data"))
+        used = [i for i, w in enumerate(config.train.loss_weights.perceptual) if w]
+        self.vgg = VGG19Features(num_slices=used[-1] + 1 if used else 1)
+
+    def float_images(self, batch):
+        return {k: batch[k].astype(jnp.float32) / 255.0 for k in self.image_keys}
+
+    def jit_step(self, step_fn, num_extras):
+        """``step_fn(state, float_batch, *extras) -> (state, metrics)`` jitted over the mesh:
+        state and extras replicated, the uint8 batch split, the state donated."""
+        return jax.jit(lambda state, batch, *extras: step_fn(state, self.float_images(batch), *extras),
+                       in_shardings=(self.replicated, self.batch_sharding)
+                       + (self.replicated,) * num_extras,
+                       out_shardings=(self.replicated, self.replicated), donate_argnums=0)
+
+    def jit_predict(self, predict_fn):
+        """``predict_fn(state, float_batch, *extras)`` jitted with replicated outputs, so every
+        process can fetch the sample images."""
+        return jax.jit(lambda state, batch, *extras: predict_fn(state, self.float_images(batch), *extras),
+                       out_shardings=self.replicated)
+
+    def vgg_variables(self, key):
+        """The perceptual loss's VGG-19 variables (``train.perceptual_weights``), replicated."""
+        return jax.device_put(perceptual_variables(self.config.train.perceptual_weights, key),
+                              self.replicated)
+
+    def global_batch(self, local_batch):
+        """Per-process numpy batch -> global arrays split over the mesh's data axis."""
+        return {k: jax.make_array_from_process_local_data(self.batch_sharding, local_batch[k])
+                for k in self.image_keys}
+
+
+class Trainer(MeshTrainer):
+    """The backbone trainer: model, optimizers and the jitted upstream train step."""
+
+    def __init__(self, config, steps_per_epoch, mesh=None):
+        super().__init__(config, mesh)
+        self.model, self.vgg = train_lib.networks(config)  # both under train.precision / remat
         self.model_config = self.model.config
         self.steps_per_epoch = steps_per_epoch
         self.txs = train_lib.optimizers(config.train, steps_per_epoch, self.model_config.bg)
-        self.replicated = NamedSharding(self.mesh, PartitionSpec())
-        self.batch_sharding = NamedSharding(self.mesh, PartitionSpec("data"))
-        step_fn = functools.partial(train_lib.train_step, model=self.model, vgg=self.vgg,
-                                    txs=self.txs, cfg=config, steps_per_epoch=steps_per_epoch)
-        self.step = jax.jit(lambda state, batch, vgg: step_fn(state, to_float_images(batch), vgg),
-                            in_shardings=(self.replicated, self.batch_sharding, self.replicated),
-                            out_shardings=(self.replicated, self.replicated), donate_argnums=0)
-        self.predict = jax.jit(self._predict_impl)
+        self.step = self.jit_step(functools.partial(
+            train_lib.train_step, model=self.model, vgg=self.vgg, txs=self.txs, cfg=config,
+            steps_per_epoch=steps_per_epoch), num_extras=1)
+        self.predict = self.jit_predict(self._predict_impl)
         self._init_state = jax.jit(self._init_state_impl, out_shardings=self.replicated)
 
     def _init_state_impl(self, model_key, step_key):
@@ -98,21 +146,20 @@ class Trainer:
 
     def initial_state(self):
         """(train state, VGG variables) from the config's seed, replicated over the mesh."""
-        seed = self.config.train.seed
-        model_key, vgg_key, step_key = jax.random.split(jax.random.PRNGKey(seed), 3)
-        vgg = perceptual_variables(self.config.train.perceptual_weights, vgg_key)
-        return self._init_state(model_key, step_key), jax.device_put(vgg, self.replicated)
+        model_key, vgg_key, step_key = jax.random.split(jax.random.PRNGKey(self.config.train.seed), 3)
+        return self._init_state(model_key, step_key), self.vgg_variables(vgg_key)
 
-    def global_batch(self, local_batch):
-        """Per-process numpy batch -> global arrays split over the mesh's data axis."""
-        return {k: jax.make_array_from_process_local_data(self.batch_sharding, local_batch[k])
-                for k in ("source", "driving")}
+    def step_extras(self, vgg):
+        return (vgg,)
 
-    def _predict_impl(self, state, batch):
-        images = to_float_images(batch)
-        variables = {"params": state.params, "batch_stats": state.batch_stats,
-                     "buffers": state.buffers}
-        out = self.model.apply(variables, images["source"], images["driving"])
+    def predict_extras(self):
+        return ()
+
+    def checkpoint_meta(self):
+        return {"model": json.loads(self.model_config.to_json())}
+
+    def _predict_impl(self, state, images):
+        out = self.model.apply(self.variables(state), images["source"], images["driving"])
         return (images["source"], images["driving"], out["prediction"].astype(jnp.float32),
                 out["dense_motion"]["occlusion_map"][-1].astype(jnp.float32))
 
@@ -121,26 +168,24 @@ class Trainer:
 
 
 class DevicePrefetch:
-    """Keeps the next ``depth`` batches already sent to the device while the current step runs.
-    ``get_state()`` is the loader's state as of the batches handed out, so a checkpoint resumes
-    with the first batch not yet trained on."""
+    """Keeps the next ``depth`` batches already sent to the device while the current step runs."""
 
     def __init__(self, batches, to_device, depth=2):
         self._batches, self._to_device, self._depth = batches, to_device, depth
         self._queue = collections.deque()
-        self._state = batches.get_state()
 
     def __iter__(self):
         return self
 
     def __next__(self):
         while len(self._queue) < self._depth:
-            self._queue.append((self._to_device(next(self._batches)), self._batches.get_state()))
-        batch, self._state = self._queue.popleft()
-        return batch
-
-    def get_state(self):
-        return self._state
+            try:
+                self._queue.append(self._to_device(next(self._batches)))
+            except StopIteration:
+                break
+        if not self._queue:
+            raise StopIteration
+        return self._queue.popleft()
 
 
 def total_steps(config, steps_per_epoch):
@@ -156,27 +201,50 @@ def train(config, workdir, *, resume=False, progress=True, trainer=None):
     from safetriage_jax.data import pipeline
     workdir = pathlib.Path(workdir).expanduser().absolute()
     clips, cache_dir = open_dataset(config, "train")
-    options = pair_options(config)
     steps_per_epoch = pipeline.steps_per_epoch(clips, global_batch_size=config.train.batch_size,
-                                               options=options, cache_dir=cache_dir)
+                                               options=pair_options(config), cache_dir=cache_dir)
     if trainer is None or trainer.steps_per_epoch != steps_per_epoch:
         trainer = Trainer(config, steps_per_epoch)
     num_steps = total_steps(config, steps_per_epoch)
-    checkpoints = open_checkpoints(workdir, config, resume)
-    state, vgg_params = trainer.initial_state()
-    loader = pipeline.training_pairs(clips, global_batch_size=config.train.batch_size,
-                                     seed=config.train.seed, options=options,
-                                     worker_count=config.data.worker_count, cache_dir=cache_dir)
-    batches = iter(loader)
-    state = restore_latest(checkpoints, state, batches) if resume else state
-    batches = DevicePrefetch(batches, trainer.global_batch)
-    state, metrics = run_steps(functools.partial(_step_with, trainer.step, vgg_params),
-                               trainer.predict, state, batches, config=config, workdir=workdir,
-                               checkpoints=checkpoints, num_steps=num_steps, progress=progress)
-    if jax.process_index() == 0:
-        save_model(workdir / "model", trainer.model_config, jax.device_get(trainer.variables(state)),
-                   overwrite=True)
+    batches = lambda start_step: pipeline.training_pairs(
+        clips, global_batch_size=config.train.batch_size, seed=config.train.seed,
+        options=pair_options(config), start_step=start_step, num_steps=num_steps,
+        worker_count=config.data.worker_count, cache_dir=cache_dir)
+    state, metrics = fit(trainer, workdir, batches, config=config, num_steps=num_steps,
+                         resume=resume, progress=progress, desc="train")
+    variables = jax.device_get(trainer.variables(state))
+    write_from_primary(lambda: save_model(workdir / "model", trainer.model_config, variables,
+                                          overwrite=True), "model-written")
     return state, metrics
+
+
+def write_from_primary(write, name):
+    """Runs ``write`` on process 0 only, then waits for it on every process."""
+    if distributed.is_primary():
+        write()
+    distributed.barrier(name)
+
+
+def fit(trainer, workdir, batches, *, config, num_steps, resume=False, progress=True,
+        desc="train"):
+    """The run sequence every trainer shares: checkpoints (refusing to mix runs), the initial or
+    resumed state, the data stream ``batches(start_step)`` (this process's numpy batches from
+    that step on) prefetched to the devices, then :func:`run_steps` with the run's ``config``
+    (its log and checkpoint schedule; the trainer may be reused from a run that differs only
+    there). Returns (state, metrics)."""
+    checkpoints = open_checkpoints(workdir, config, resume)
+    state, vgg = trainer.initial_state()
+    if resume:
+        restored = checkpoints.restore_latest(state, trainer.checkpoint_meta())
+        state = restored[0] if restored is not None else state
+    start = int(jax.device_get(state.step))
+    batches = DevicePrefetch(batches(start), trainer.global_batch)
+    step_extras, predict_extras = trainer.step_extras(vgg), trainer.predict_extras()
+    return run_steps(lambda s, b: trainer.step(s, b, *step_extras),
+                     lambda s, b: trainer.predict(s, b, *predict_extras), state, batches,
+                     config=config, workdir=workdir, checkpoints=checkpoints,
+                     meta=trainer.checkpoint_meta(), num_steps=num_steps,
+                     progress=progress and distributed.is_primary(), desc=desc)
 
 
 def open_checkpoints(workdir, config, resume):
@@ -184,34 +252,19 @@ def open_checkpoints(workdir, config, resume):
     checkpoints = TrainCheckpoints(workdir / "checkpoints", keep=config.log.keep_checkpoints)
     if checkpoints.steps() and not resume:
         raise SafeTriageError(f"{workdir} already has checkpoints (steps {checkpoints.steps()}); "
-                              "pass --resume to continue them or choose another --workdir.")
+                              "resume them or choose another work directory.")
     return checkpoints
 
 
-def restore_latest(checkpoints, state, batches):
-    """The newest readable checkpoint's state (``state`` when there is none); moves the loader
-    ``batches`` to where that checkpoint left it."""
-    restored = checkpoints.restore_latest(state)
-    if restored is None:
-        return state
-    state, data_state, _ = restored
-    batches.set_state(data_state)
-    return state
-
-
-def _step_with(step, extra, state, batch):
-    return step(state, batch, extra)
-
-
 def run_steps(step, predict, state, batches, *, config, workdir, checkpoints, num_steps,
-              progress=True, desc="train"):
+              meta=None, progress=True, desc="train"):
     """The loop every trainer shares: ``step(state, batch) -> (state, metrics)`` until
     ``num_steps``, logging every ``config.log.every_steps``, sample grids from
     ``predict(state, batch)`` (images for :func:`sample_grid`; none if
-    ``config.log.sample_every_steps`` is 0) and checkpoints (state and
-    loader state) on the config's schedule. Closes ``checkpoints``; returns (state, metrics)."""
+    ``config.log.sample_every_steps`` is 0) and checkpoints (state and ``meta``) on the
+    config's schedule; logs from process 0 only. Closes ``checkpoints``; returns (state, metrics)."""
     start = int(jax.device_get(state.step))
-    book = Logbook(workdir, enabled=jax.process_index() == 0)
+    book = Logbook(workdir, enabled=distributed.is_primary())
     _write_config(workdir, config)
     metrics = {}
     bar = tqdm(total=num_steps, initial=start, desc=desc, unit="step", disable=not progress,
@@ -229,7 +282,7 @@ def run_steps(step, predict, state, batches, *, config, workdir, checkpoints, nu
             if every and (index % every == 0 or index == num_steps):
                 book.samples(index, sample_grid(*jax.device_get(predict(state, batch))))
             if index % config.log.checkpoint_every_steps == 0 or index == num_steps:
-                checkpoints.save(index, state, batches.get_state())
+                checkpoints.save(index, state, meta)
     finally:
         bar.close()
         checkpoints.close()
@@ -238,5 +291,6 @@ def run_steps(step, predict, state, batches, *, config, workdir, checkpoints, nu
 
 
 def _write_config(workdir, config):
-    if jax.process_index() == 0:
+    if distributed.is_primary():
+        workdir.mkdir(parents=True, exist_ok=True)
         (workdir / "config.json").write_text(config.to_json_best_effort(indent=2))

@@ -5,27 +5,25 @@ optimizer, and enter the loss through ``stop_gradient``: only the prompt generat
 receive gradients. The objective is the frozen backbone's motion-transfer fidelity on prompted
 driving frames of simulated patients (perceptual + L1 against the synthetic person rendered with
 the patient's motion, and keypoint consistency), plus the generator's denoising loss. Same mesh,
-sharding, loop, checkpoints and logs as the backbone trainer (``train/loop.py``).
+sharding, loop, checkpoints and logs as the backbone trainer (``train/loop.py``'s
+``MeshTrainer`` and ``fit``).
 """
 
 import functools
+import json
 import pathlib
 
 import flax
 import jax
 import jax.numpy as jnp
 import optax
-from jax.sharding import NamedSharding, PartitionSpec
 
 from safetriage_jax.animate import relative_keypoints
 from safetriage_jax.data.simulated_patients import IMAGE_KEYS, PatientOptions, patient_batches
-from safetriage_jax.errors import SafeTriageError
 from safetriage_jax.models import prompt as prompt_lib
 from safetriage_jax.models.tpsmm import TPSMM
-from safetriage_jax.models.vgg import VGG19Features
 from safetriage_jax.train import augment, losses
-from safetriage_jax.train.loop import (DevicePrefetch, data_mesh, open_checkpoints,
-                                       perceptual_variables, restore_latest, run_steps)
+from safetriage_jax.train.loop import MeshTrainer, fit, write_from_primary
 
 
 @flax.struct.dataclass
@@ -105,50 +103,42 @@ def prompt_train_step(state, batch, backbone, vgg_params, *, model, vgg, tx, pcf
     return state.replace(step=state.step + 1, params=params, opt_state=opt_state), metrics
 
 
-def to_float_images(batch):
-    return {k: batch[k].astype(jnp.float32) / 255.0 for k in IMAGE_KEYS}
+class PromptTrainer(MeshTrainer):
+    """The frozen backbone (replicated), the prompt generator, its optimizer and jitted step."""
 
+    image_keys = IMAGE_KEYS
 
-class PromptTrainer:
-    """Mesh, frozen backbone, prompt generator, optimizer and the jitted step."""
-
-    def __init__(self, config, backbone_config, mesh=None):
-        self.config, self.mesh = config, mesh or data_mesh()
-        if config.train.batch_size % self.mesh.size:
-            raise SafeTriageError(f"train.batch_size {config.train.batch_size} must be a multiple "
-                                  f"of the device count {self.mesh.size}.")
+    def __init__(self, config, backbone_config, backbone, mesh=None):
+        super().__init__(config, mesh)
         self.pcfg = prompt_lib.PromptConfig.from_dict(config.prompt.to_dict())
         self.model = TPSMM(backbone_config)
-        used = [i for i, w in enumerate(config.train.loss_weights.perceptual) if w]
-        self.vgg = VGG19Features(num_slices=used[-1] + 1 if used else 1)
+        self.backbone = jax.device_put(backbone, self.replicated)
         self.tx = prompt_optimizer(config.train)
-        self.replicated = NamedSharding(self.mesh, PartitionSpec())
-        self.batch_sharding = NamedSharding(self.mesh, PartitionSpec("data"))
-        step_fn = functools.partial(prompt_train_step, model=self.model, vgg=self.vgg, tx=self.tx,
-                                    pcfg=self.pcfg, cfg=config)
-        self.step = jax.jit(
-            lambda state, batch, backbone, vgg: step_fn(state, to_float_images(batch), backbone, vgg),
-            in_shardings=(self.replicated, self.batch_sharding, self.replicated, self.replicated),
-            out_shardings=(self.replicated, self.replicated), donate_argnums=0)
-        self.predict = jax.jit(self._predict_impl)
+        self.step = self.jit_step(functools.partial(
+            prompt_train_step, model=self.model, vgg=self.vgg, tx=self.tx, pcfg=self.pcfg,
+            cfg=config), num_extras=2)
+        self.predict = self.jit_predict(self._predict_impl)
 
     def initial_state(self):
-        seed = self.config.train.seed
-        prompt_key, vgg_key, step_key = jax.random.split(jax.random.PRNGKey(seed), 3)
+        """(prompt state, VGG variables) from the config's seed, replicated over the mesh."""
+        prompt_key, vgg_key, step_key = jax.random.split(jax.random.PRNGKey(self.config.train.seed), 3)
         params = prompt_lib.init_params(self.pcfg, prompt_key)
         state = PromptState(step=jnp.zeros((), jnp.int32), params=params,
                             opt_state=self.tx.init(params), rng=step_key)
-        vgg = perceptual_variables(self.config.train.perceptual_weights, vgg_key)
-        return jax.device_put(state, self.replicated), jax.device_put(vgg, self.replicated)
+        return jax.device_put(state, self.replicated), self.vgg_variables(vgg_key)
 
-    def global_batch(self, local_batch):
-        return {k: jax.make_array_from_process_local_data(self.batch_sharding, local_batch[k])
-                for k in IMAGE_KEYS}
+    def step_extras(self, vgg):
+        return (self.backbone, vgg)
 
-    def _predict_impl(self, state, batch, backbone):
+    def predict_extras(self):
+        return (self.backbone,)
+
+    def checkpoint_meta(self):
+        return {"prompt": json.loads(self.pcfg.to_json())}
+
+    def _predict_impl(self, state, images, backbone):
         """Columns for the sample grid: identity | driving | prompt (x4, grey = 0) | prompted
         driving | transfer without prompt | with prompt | target."""
-        images = to_float_images(batch)
         driving, reference, _, _ = prompt_both(state.params, self.pcfg, images)
         plain = transfer(self.model, backbone, images["identity"], images["reference"],
                          images["driving"])
@@ -171,22 +161,17 @@ def train_prompt(config, workdir, *, resume=False, progress=True):
     workdir = pathlib.Path(workdir).expanduser().absolute()
     backbone_config, backbone = load_model(pathlib.Path(config.backbone).expanduser(),
                                            warp_implementation=config.model.warp_implementation)
-    trainer = PromptTrainer(config, backbone_config)
-    checkpoints = open_checkpoints(workdir, config, resume)
-    state, vgg_params = trainer.initial_state()
-    batches = patient_batches(patient_options(config, backbone_config.image_size),
-                              config.train.batch_size, seed=config.train.seed,
-                              worker_count=config.data.worker_count)
-    state = restore_latest(checkpoints, state, batches) if resume else state
-    batches = DevicePrefetch(batches, trainer.global_batch)
-    backbone = jax.device_put(backbone, trainer.replicated)
-    state, metrics = run_steps(
-        lambda s, b: trainer.step(s, b, backbone, vgg_params),
-        lambda s, b: trainer.predict(s, b, backbone), state, batches, config=config,
-        workdir=workdir, checkpoints=checkpoints, num_steps=config.train.num_steps,
-        progress=progress, desc="train-prompt")
-    if jax.process_index() == 0:
-        save_prompt(workdir / "prompt", trainer.pcfg, jax.device_get(state.params),
-                    info={"backbone": str(config.backbone), "image_size": backbone_config.image_size,
-                          "steps": int(jax.device_get(state.step))})
+    trainer = PromptTrainer(config, backbone_config, backbone)
+    batches = lambda start_step: patient_batches(
+        patient_options(config, backbone_config.image_size), config.train.batch_size,
+        seed=config.train.seed, start_step=start_step, num_steps=config.train.num_steps,
+        worker_count=config.data.worker_count)
+    state, metrics = fit(trainer, workdir, batches, config=config,
+                         num_steps=config.train.num_steps, resume=resume, progress=progress,
+                         desc="train-prompt")
+    params = jax.device_get(state.params)
+    info = {"backbone": str(config.backbone), "image_size": backbone_config.image_size,
+            "steps": int(jax.device_get(state.step))}
+    write_from_primary(lambda: save_prompt(workdir / "prompt", trainer.pcfg, params, info=info),
+                       "prompt-written")
     return state, metrics
