@@ -1,6 +1,5 @@
 """Precision policy and remat: where the conv FLOPs run, bf16 training tracks float32, remat is exact."""
 
-import functools
 
 import jax
 import jax.numpy as jnp

@@ -21,17 +21,12 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from tqdm import tqdm
 
 from safetriage_jax.errors import SafeTriageError
-from safetriage_jax.models.config import TPSMMConfig
 from safetriage_jax.models.tpsmm import initialize
 from safetriage_jax.models.vgg import VGG19Features, random_vgg19_variables
 from safetriage_jax.train import distributed
 from safetriage_jax.train import step as train_lib
 from safetriage_jax.train.checkpoints import TrainCheckpoints
 from safetriage_jax.train.logbook import Logbook, sample_grid
-
-
-def model_config(config) -> TPSMMConfig:
-    return TPSMMConfig.from_dict(config.model.to_dict())
 
 
 def data_mesh() -> Mesh:
