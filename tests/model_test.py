@@ -85,12 +85,20 @@ def test_tps_fits_its_control_points_closely(rng):
     assert float(jnp.abs(mapped - target).max()) < 0.05  # regularised, so close, not exact
 
 
-@pytest.mark.parametrize("scale,size", [(0.25, 64), (0.5, 30), (2.0, 9), (0.125, 256)])
+@pytest.mark.parametrize("scale,size", [(0.25, 64), (0.5, 30), (2.0, 9), (0.125, 256),
+                                        (3.0, 5), (0.3, 20)])
 def test_nearest_resize_matches_torch_legacy_interpolate(rng, scale, size):
+    """Values and input gradients (repeats, strided slices and the gather fallback)."""
     x = rng.standard_normal((1, 2, size, size + 3)).astype(np.float32)
-    expected = F.interpolate(torch.tensor(x), scale_factor=scale).numpy()
-    got = resize_nearest(jnp.asarray(x.transpose(0, 2, 3, 1)), scale)
-    np.testing.assert_array_equal(np.asarray(got).transpose(0, 3, 1, 2), expected)
+    x_torch = torch.tensor(x, requires_grad=True)
+    expected = F.interpolate(x_torch, scale_factor=scale)
+    weights = rng.standard_normal(expected.shape).astype(np.float32)
+    (expected * torch.tensor(weights)).sum().backward()
+    to_nhwc = lambda a: jnp.asarray(a.transpose(0, 2, 3, 1))
+    got, vjp = jax.vjp(lambda v: resize_nearest(v, scale), to_nhwc(x))
+    np.testing.assert_array_equal(np.asarray(got).transpose(0, 3, 1, 2), expected.detach().numpy())
+    grad = np.asarray(vjp(to_nhwc(weights))[0]).transpose(0, 3, 1, 2)
+    np.testing.assert_allclose(grad, x_torch.grad.numpy(), rtol=1e-6, atol=1e-6)
 
 
 @pytest.mark.parametrize("out_size", [(32, 32), (128, 96), (7, 5)])

@@ -48,11 +48,30 @@ def nearest_indices(in_size, scale):
     return np.minimum(index, in_size - 1)
 
 
+def _take_rows(x, index, axis):
+    """``jnp.take(x, index, axis)`` for a static ``index``, without a gather where it can.
+
+    A repeat (each row ``r`` times: x2 up-sampling) becomes broadcast + reshape and an
+    arithmetic progression (down-sampling) a strided slice: their gradients are a sum and a
+    pad, where a gather's is a scatter with full-size index tensors kept for the backward.
+    """
+    size = x.shape[axis]
+    repeats = len(index) // size
+    if repeats * size == len(index) and np.array_equal(index, np.repeat(np.arange(size), repeats)):
+        x = jnp.expand_dims(x, axis + 1)
+        x = jnp.broadcast_to(x, x.shape[:axis + 1] + (repeats,) + x.shape[axis + 2:])
+        return x.reshape(x.shape[:axis] + (size * repeats,) + x.shape[axis + 2:])
+    stride = int(index[1] - index[0]) if len(index) > 1 else 1
+    if stride > 0 and np.array_equal(index, index[0] + stride * np.arange(len(index))):
+        return lax.slice_in_dim(x, int(index[0]), int(index[-1]) + 1, stride, axis)
+    return jnp.take(x, index, axis=axis)
+
+
 def resize_nearest(x_BHWC, scale):
     """Legacy nearest resize by ``scale`` (used for x2 up-sampling and anti-aliased down-sampling)."""
     _, height, width, _ = x_BHWC.shape
-    x_BHWC = jnp.take(x_BHWC, nearest_indices(height, scale), axis=1)
-    return jnp.take(x_BHWC, nearest_indices(width, scale), axis=2)
+    x_BHWC = _take_rows(x_BHWC, nearest_indices(height, scale), axis=1)
+    return _take_rows(x_BHWC, nearest_indices(width, scale), axis=2)
 
 
 def _align_corners_taps(in_size, out_size):
