@@ -52,6 +52,7 @@ def base_config() -> ml_collections.ConfigDict:
         perceptual_weights="~/.cache/torch/hub/checkpoints/vgg19-dcbb9e9d.pth",  # or "random"
         precision="float32",          # "float32" | "bfloat16" (mixed: float32 master weights)
         remat="none",                 # "none" | "conv_outputs" | "blocks" (models/policy.py)
+        micro_batches=1,              # > 1: gradient accumulated over that many batch slices
         seed=0,
     )
     c.log = dict(every_steps=50, sample_every_steps=1000, checkpoint_every_steps=1000,
@@ -105,4 +106,7 @@ def check(c):
                          f"{c.train.num_epochs}).")
     if c.train.batch_size < 1:
         raise ValueError(f"train.batch_size must be at least 1 (got {c.train.batch_size}).")
+    if c.train.micro_batches < 1 or c.train.batch_size % c.train.micro_batches:
+        raise ValueError(f"train.micro_batches ({c.train.micro_batches}) must be at least 1 and "
+                         f"divide train.batch_size ({c.train.batch_size}).")
     TPSMMConfig.from_dict(dict(c.model))  # types and architecture constraints

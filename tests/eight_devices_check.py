@@ -1,5 +1,6 @@
 """One step on 1 and on 8 CPU devices from the same state and batch; the 8-device state
-checkpointed and restored onto the 1-device mesh. Run by ``train_test.py`` in a subprocess:
+checkpointed and restored onto the 1-device mesh; then the same with 2 micro-batches (each
+device keeps its share of every slice). Run by ``train_test.py`` in a subprocess:
 
     XLA_FLAGS=--xla_force_host_platform_device_count=8 python -m tests.eight_devices_check \
         --seed 123 --checkpoint-dir /tmp/ck
@@ -36,15 +37,7 @@ def main(argv=None):
     rng = np.random.default_rng(args.seed)
     print("numpy seed", args.seed)
     batch = {k: rng.integers(0, 256, (8, 64, 64, 3), dtype=np.uint8) for k in ("source", "driving")}
-    runs, initial = [], None
-    for devices in (jax.devices()[:1], jax.devices()):
-        trainer = Trainer(config, steps_per_epoch=3, mesh=Mesh(np.array(devices), ("data",)))
-        initial = initial or jax.device_get(trainer.initial_state())
-        state, vgg = jax.device_put(initial, trainer.replicated)
-        state, metrics = trainer.step(state, trainer.global_batch(batch), vgg)
-        runs.append((trainer, jax.device_get(state), jax.device_get(metrics)))
-
-    (one, state_1, metrics_1), (eight, state_8, metrics_8) = runs
+    (one, state_1, metrics_1), (eight, state_8, metrics_8) = steps_on_one_and_eight(config, batch)
     errors = dict(loss=relative_error(metrics_1["loss"], metrics_8["loss"]),
                   batch_stats=relative_error(state_1.batch_stats, state_8.batch_stats),
                   params=relative_error(state_1.params, state_8.params))
@@ -59,7 +52,27 @@ def main(argv=None):
     assert step == 1 and jax.tree.leaves(restored)[0].sharding == one.replicated
     for a, b in zip(jax.tree.leaves(jax.device_get(restored)), jax.tree.leaves(state_8)):
         np.testing.assert_array_equal(a, b)
+
+    config.train.update(batch_size=16, micro_batches=2)
+    batch = {k: rng.integers(0, 256, (16, 64, 64, 3), dtype=np.uint8) for k in ("source", "driving")}
+    (_, state_1, metrics_1), (_, state_8, metrics_8) = steps_on_one_and_eight(config, batch)
+    errors = dict(loss=relative_error(metrics_1["loss"], metrics_8["loss"]),
+                  batch_stats=relative_error(state_1.batch_stats, state_8.batch_stats))
+    print("relative differences with 2 micro-batches, 1 vs 8 devices:", errors)
+    assert errors["loss"] < 1e-5 and errors["batch_stats"] < 1e-5, errors
     print("OK")
+
+
+def steps_on_one_and_eight(config, batch):
+    """[(trainer, state, metrics)] of one step on 1 and on 8 devices from the same state."""
+    runs, initial = [], None
+    for devices in (jax.devices()[:1], jax.devices()):
+        trainer = Trainer(config, steps_per_epoch=3, mesh=Mesh(np.array(devices), ("data",)))
+        initial = initial or jax.device_get(trainer.initial_state())
+        state, vgg = jax.device_put(initial, trainer.replicated)
+        state, metrics = trainer.step(state, trainer.global_batch(batch), vgg)
+        runs.append((trainer, jax.device_get(state), jax.device_get(metrics)))
+    return runs
 
 
 if __name__ == "__main__":

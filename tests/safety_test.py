@@ -179,6 +179,7 @@ def test_overrides_are_strict_and_parsed_one_way():
              ("configs/prompt.py:small,data.asymmetry=0.1;x", "expected a number"),
              ("configs/train.py:vox-256,model.image_size=384", "data.size .* must agree"),
              ("configs/train.py:small,train.num_epochs=0", "at least one step"),
+             ("configs/train.py:small,train.micro_batches=3", r"micro_batches \(3\) .* divide"),
              ("configs/prompt.py:small,train.num_steps=0", "untrained")]
     for spec, message in cases:
         with pytest.raises(SafeTriageError, match=message):

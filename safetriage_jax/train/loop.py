@@ -20,6 +20,7 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from tqdm import tqdm
 
+from safetriage_jax import outputs
 from safetriage_jax.errors import SafeTriageError
 from safetriage_jax.models.tpsmm import initialize
 from safetriage_jax.models.vgg import VGG19Features, random_vgg19_variables
@@ -125,6 +126,12 @@ class Trainer(MeshTrainer):
 
     def __init__(self, config, steps_per_epoch, mesh=None):
         super().__init__(config, mesh)
+        slices = config.train.micro_batches * self.mesh.size
+        if config.train.batch_size % slices:
+            raise SafeTriageError(
+                f"train.batch_size {config.train.batch_size} must be a multiple of "
+                f"train.micro_batches x the device count ({config.train.micro_batches} x "
+                f"{self.mesh.size}): every device needs the same share of every micro-batch.")
         self.model, self.vgg = train_lib.networks(config)  # both under train.precision / remat
         self.model_config = self.model.config
         self.steps_per_epoch = steps_per_epoch
@@ -286,6 +293,16 @@ def run_steps(step, predict, state, batches, *, config, workdir, checkpoints, nu
 
 
 def _write_config(workdir, config):
+    """The run's config as ``workdir/config.json`` (atomically; replaces only an earlier run's)."""
     if distributed.is_primary():
-        workdir.mkdir(parents=True, exist_ok=True)
-        (workdir / "config.json").write_text(config.to_json_best_effort(indent=2))
+        outputs.write_text(workdir / "config.json", config.to_json_best_effort(indent=2),
+                           overwrite=True, recognise=_is_run_config)
+
+
+def _is_run_config(path):
+    """Whether ``path`` is a config.json this trainer wrote (a JSON object with 'train')."""
+    try:
+        config = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(config, dict) and "train" in config

@@ -9,6 +9,8 @@ phase); its variables pass through unchanged.
 
 ``train.precision`` and ``train.remat`` make the networks' :class:`Policy`: parameters stay
 float32 and each layer casts them to the compute dtype; losses are reduced in float32.
+``train.micro_batches`` > 1 accumulates the gradient over that many slices of the batch, so
+activation memory is that of one slice.
 """
 
 import functools
@@ -134,6 +136,43 @@ def generator_losses(params, state, batch, rng, *, model, vgg_features, cfg, epo
     return total, (terms, stats)
 
 
+def split_micro_batches(x, micro_batches):
+    """(B, ...) -> (micro_batches, B / micro_batches, ...); slice j holds samples j, j + k, ...
+
+    Interleaved, so that a batch split over devices along B splits every slice the same way
+    (each device keeps its own samples).
+    """
+    return jnp.moveaxis(x.reshape((-1, micro_batches) + x.shape[1:]), 1, 0)
+
+
+def accumulated_gradients(loss_fn, params, batch_stats, batch, rng, micro_batches):
+    """``loss_fn(params, batch_stats, batch, key) -> (loss, (terms, batch_stats))`` and its
+    gradient for the whole batch, computed over ``micro_batches`` equal slices in sequence.
+
+    Only one slice's activations are live at a time (a ``lax.scan``); loss, terms and gradients
+    are the slices' means, which equal the whole batch's for per-sample mean losses. BatchNorm
+    normalises each slice by its own statistics, and its running averages are updated once per
+    slice. ``micro_batches=1`` is the plain gradient of the whole batch.
+    """
+    grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+    if micro_batches == 1:
+        return grad_fn(params, batch_stats, batch, rng)
+    slices = jax.tree.map(lambda x: split_micro_batches(x, micro_batches), batch)
+    keys = jax.random.split(rng, micro_batches)
+
+    def accumulate(carry, slice_and_key):
+        grads_sum, stats = carry
+        (total, (terms, stats)), grads = grad_fn(params, stats, *slice_and_key)
+        return (jax.tree.map(jnp.add, grads_sum, grads), stats), (total, terms)
+
+    zeros = jax.tree.map(jnp.zeros_like, params)
+    (grads_sum, batch_stats), (totals, terms) = jax.lax.scan(
+        accumulate, (zeros, batch_stats), (slices, keys))
+    mean = lambda x: jnp.mean(x, axis=0)
+    grads = jax.tree.map(lambda g: g / micro_batches, grads_sum)
+    return (mean(totals), (jax.tree.map(mean, terms), batch_stats)), grads
+
+
 def train_step(state: TrainState, batch, vgg_params, *, model, vgg, txs, cfg, steps_per_epoch):
     """One optimizer step -> (new state, metrics). ``batch``: source/driving (B,H,W,3) in [0,1]."""
     tcfg = cfg.train
@@ -145,10 +184,13 @@ def train_step(state: TrainState, batch, vgg_params, *, model, vgg, txs, cfg, st
     batch = {"source": pair[:, 0], "driving": pair[:, 1]}
 
     vgg_features = frozen_features(vgg, vgg_params, model.policy)
-    loss_fn = functools.partial(generator_losses, state=state, batch=batch, rng=loss_key,
+
+    def loss_fn(params, batch_stats, micro_batch, key):
+        return generator_losses(params, state.replace(batch_stats=batch_stats), micro_batch, key,
                                 model=model, vgg_features=vgg_features, cfg=cfg, epoch=epoch)
-    grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
-    (total, (terms, batch_stats)), grads = grad_fn(state.params)
+
+    (total, (terms, batch_stats)), grads = accumulated_gradients(
+        loss_fn, state.params, state.batch_stats, batch, loss_key, tcfg.micro_batches)
 
     params, opt_state = dict(state.params), dict(state.opt_state)
     gen_params, gen_grads = _generator_params(params), _generator_params(grads)
