@@ -9,6 +9,9 @@ import collections
 import math
 import re
 
+from safetriage_jax.errors import SafeTriageError
+from safetriage_jax.models.policy import Policy
+
 _FUNC = re.compile(r"func\.func\s+(?:public\s+|private\s+)?@([\w.$-]+)")
 _CALL = re.compile(r"(?:func\.)?call\s+@([\w.$-]+)")
 _CONV = re.compile(r"stablehlo\.convolution.*?dim_numbers\s*=\s*\[([^\]]*)\]x\[([^\]]*)\]->\[([^\]]*)\]"
@@ -16,6 +19,27 @@ _CONV = re.compile(r"stablehlo\.convolution.*?dim_numbers\s*=\s*\[([^\]]*)\]x\[(
 _HLO_SHAPE = re.compile(r"\b(pred|[fsu]\d+|bf16|c\d+)\[([\d,]*)\]")
 _HLO_FUSION = re.compile(r"^\s*(?:ROOT\s+)?%?([\w.-]+)\s*=\s*(.*?)\s+fusion\((.*?)\),\s*kind=(\w+)")
 _BITS = {"pred": 8, "bf16": 16}
+
+
+# XLA:CPU's instruction scheduler that minimises live memory (its default favours concurrency
+# and may keep much more live); pass as ``compile(compiler_options=...)``.
+CPU_MEMORY_SCHEDULER = {"xla_cpu_scheduler_type": "CPU_SCHEDULER_TYPE_MEMORY_OPTIMIZED"}
+
+
+def parse_variant(text):
+    """'precision[:remat[:micro_batches]]' -> train overrides, e.g. 'bfloat16:conv_outputs:2'."""
+    parts = text.split(":")
+    if len(parts) > 3 or not parts[0]:
+        raise ValueError(f"variant {text!r}: expected precision[:remat[:micro_batches]]")
+    precision, remat, micro_batches = parts + [""] * (3 - len(parts))
+    if micro_batches and (not micro_batches.isdigit() or int(micro_batches) < 1):
+        raise ValueError(f"variant {text!r}: micro_batches must be a positive integer")
+    try:
+        Policy(precision, remat or "none")  # known names
+    except SafeTriageError as error:
+        raise ValueError(f"variant {text!r}: {error}") from None
+    return {"precision": precision, "remat": remat or "none",
+            "micro_batches": int(micro_batches or 1)}
 
 
 def _tensor(spec):
