@@ -112,7 +112,9 @@ def runs(tmp_path_factory):
     root = tmp_path_factory.mktemp("distributed")
     data_dir = root / "tfds"
     reference, two = root / "one-process", root / "two-processes"
-    reference_runs = launch(reference, data_dir, processes=1, devices=2, num_steps=6)
+    # Its own copy of the (seeded, identical) dataset: two builders must not race on one folder.
+    reference_runs = launch(reference, root / "tfds-reference", processes=1, devices=2,
+                            num_steps=6)
     try:
         kill_after_checkpoint(launch(two, data_dir, processes=2, devices=1, num_steps=100,
                                      samples=2, stage="killed"), two, step=2)
