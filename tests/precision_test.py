@@ -174,3 +174,10 @@ def test_micro_batches_keep_one_slice_of_activations_live(rng):
     whole, sliced = temporaries(1), temporaries(8)
     print(f"temporaries: whole batch {whole / 2 ** 20:.1f} MiB, 8 slices {sliced / 2 ** 20:.1f} MiB")
     assert sliced < 0.3 * whole
+
+
+def test_a_batch_that_micro_batches_cannot_split_evenly_is_refused():
+    config = get_config(TINY)
+    config.train.update(batch_size=6, micro_batches=4)  # past the config check, as code may do
+    with pytest.raises(SafeTriageError, match="multiple of 4 micro-batches x the device count 1"):
+        loop.Trainer(config, 1000)

@@ -82,12 +82,14 @@ class MeshTrainer:
 
     image_keys = ("source", "driving")
 
-    def __init__(self, config, mesh=None):
+    def __init__(self, config, mesh=None, micro_batches=1):
         self.config = config
         self.mesh = mesh or data_mesh()
-        if config.train.batch_size % self.mesh.size:
+        if config.train.batch_size % (micro_batches * self.mesh.size):
+            slices = f"{micro_batches} micro-batches x " if micro_batches > 1 else ""
             raise SafeTriageError(f"train.batch_size {config.train.batch_size} must be a multiple "
-                                  f"of the device count {self.mesh.size}.")
+                                  f"of {slices}the device count {self.mesh.size}: every device "
+                                  "needs the same share of every batch.")
         self.replicated = NamedSharding(self.mesh, PartitionSpec())
         self.batch_sharding = NamedSharding(self.mesh, PartitionSpec("data"))
         used = [i for i, w in enumerate(config.train.loss_weights.perceptual) if w]
@@ -125,13 +127,7 @@ class Trainer(MeshTrainer):
     """The backbone trainer: model, optimizers and the jitted upstream train step."""
 
     def __init__(self, config, steps_per_epoch, mesh=None):
-        super().__init__(config, mesh)
-        slices = config.train.micro_batches * self.mesh.size
-        if config.train.batch_size % slices:
-            raise SafeTriageError(
-                f"train.batch_size {config.train.batch_size} must be a multiple of "
-                f"train.micro_batches x the device count ({config.train.micro_batches} x "
-                f"{self.mesh.size}): every device needs the same share of every micro-batch.")
+        super().__init__(config, mesh, micro_batches=config.train.micro_batches)
         self.model, self.vgg = train_lib.networks(config)  # both under train.precision / remat
         self.model_config = self.model.config
         self.steps_per_epoch = steps_per_epoch
