@@ -26,14 +26,18 @@ def _resize(image_HW3, factor):
 @pytest.fixture(scope="module")
 def faces():
     """Real faces: three frames of the driving video, one flipped and two rescaled (0.6x: a
-    small face; 1.6x: a chip read through dlib's pyramid), and the source portrait (another
-    person). Each: (image, dlib's 68 landmarks, dlib's chip, dlib's descriptor)."""
+    small face, also pasted into a black frame of the source's size; 1.6x: a chip read through
+    dlib's pyramid), and the source portrait (another person, also through the pyramid).
+    Each: (image, dlib's 68 landmarks, dlib's chip, dlib's descriptor)."""
     import dlib
     models = face_models("hog")
     with VideoReader(SAMPLES / "driving.mp4") as reader:
         frames = [frame for index, frame in zip(range(121), reader) if index % 60 == 0]
-    images = frames + [frames[0][:, ::-1], _resize(frames[1], 0.6),
-                       _resize(frames[2], 1.6), read_image(SAMPLES / "source.png")]
+    source = read_image(SAMPLES / "source.png")
+    small = _resize(frames[1], 0.6)
+    canvas = np.zeros_like(source)  # the small face in a frame of the source's size
+    canvas[50:50 + small.shape[0], 100:100 + small.shape[1]] = small
+    images = frames + [frames[0][:, ::-1], small, _resize(frames[2], 1.6), canvas, source]
     out = []
     for image in map(np.ascontiguousarray, images):  # dlib's bindings want contiguous arrays
         boxes, _ = find_faces(models, image)
@@ -105,13 +109,18 @@ def test_chips_match_dlib_get_face_chip(faces):
 
 
 def test_descriptors_match_dlib_end_to_end(faces):
-    driving = [face for face in faces if face[0].shape == faces[0][0].shape]  # one batch
-    others = [face for face in faces if face[0].shape != faces[0][0].shape]
-    ours = [face_embedding.embed_batch(np.stack([f[0] for f in driving]),
-                                       np.stack([f[1] for f in driving]))]
-    ours += [face_embedding.embed_batch(image[None], marks[None]) for image, marks, _, _ in others]
-    ours_B128 = np.concatenate([np.asarray(batch) for batch in ours])
-    reference_B128 = np.stack([face[3] for face in driving + others])
+    by_shape = {}  # batches of same-size images; the source-size one mixes pyramid levels
+    for face in faces:
+        by_shape.setdefault(face[0].shape, []).append(face)
+    ours, reference = [], []
+    for batch in by_shape.values():
+        images_BHW3, marks_B68x2 = np.stack([f[0] for f in batch]), np.stack([f[1] for f in batch])
+        ours.append(np.asarray(face_embedding.embed_batch(images_BHW3, marks_B68x2)))
+        reference.append(np.stack([f[3] for f in batch]))
+    height, width = faces[-1][0].shape[:2]
+    assert len({face_chip.chip_plan(marks, height, width)["level"]
+                for _, marks, _, _ in by_shape[faces[-1][0].shape]}) == 2
+    ours_B128, reference_B128 = np.concatenate(ours), np.concatenate(reference)
     distance_B = np.linalg.norm(ours_B128 - reference_B128, axis=1)
     print("end-to-end distances to dlib:", distance_B)
     assert distance_B.max() < 1e-3
@@ -133,3 +142,12 @@ def test_five_point_landmarks_match_dlib(faces):
         reference = np.array(model.compute_face_descriptor(image, shape))
         ours = np.asarray(face_embedding.embed_batch(image[None], marks_5x2[None]))[0]
         assert np.linalg.norm(ours - reference) < 1e-3
+
+
+def test_rejects_missing_landmarks(faces):
+    image, marks_68x2, _, _ = faces[0]
+    lost = np.stack([marks_68x2, np.full_like(marks_68x2, np.nan)])  # a frame without a face
+    with pytest.raises(ValueError, match="1 with NaN"):
+        face_chip.extract_chips(np.stack([image, image]), lost)
+    with pytest.raises(ValueError, match="68 .* or 5 landmarks"):
+        face_chip.extract_chips(image[None], marks_68x2[None, :10])

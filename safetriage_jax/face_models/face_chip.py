@@ -26,6 +26,7 @@ from safetriage_jax.kernels.grid_sample.api import grid_sample
 
 CHIP_SIZE = 150  # compute_face_descriptor's chip: 150x150 with padding 0.25
 CHIP_PADDING = 0.25
+CROP_STEP = 64  # face boxes are cut out in multiples of this size
 ROUNDING_SLACK = 2e-5  # see extract_chips: float32 vs dlib's double at whole numbers
 
 # dlib's mean face (interpolation.h, get_face_chip_details): iBUG 300-W points 17-67 in a unit
@@ -74,7 +75,7 @@ def similarity_transform(from_N2, to_N2):
     s = np.ones(2)
     if np.linalg.det(cov_22) < 0 or (np.linalg.det(cov_22) == 0
                                      and np.linalg.det(u) * np.linalg.det(vt) < 0):
-        s[1] = -1
+        s[1 if d[1] < d[0] else 0] = -1  # no reflections: flip the smaller axis
     rotation = u @ np.diag(s) @ vt
     scale = (d * s).sum() / var_from if var_from else 1.0
     return scale * rotation, mean_to - scale * rotation @ mean_from
@@ -118,9 +119,9 @@ def chip_square(landmarks_Nx2, size=CHIP_SIZE, padding=CHIP_PADDING):
 def chip_plan(landmarks_Nx2, height, width, size=CHIP_SIZE, padding=CHIP_PADDING):
     """Where one chip comes from, as dlib's ``extract_image_chips`` takes it.
 
-    Returns a dict: ``box_xy`` (its box's top-left corner, int), ``level`` (pyramid level: 0 is
-    the image itself), ``level_wh`` (that level's size for the box), ``affine_23`` (chip pixel
-    (x, y, 1) to pixel of that level, in the box's frame).
+    Returns a dict: ``box_xy``, ``box_wh`` (its box: top-left corner and size), ``level``
+    (pyramid level: 0 is the image itself), ``level_wh`` (that level's size for the box),
+    ``affine_23`` (chip pixel (x, y, 1) to pixel of that level, in the box's frame).
     """
     rect, angle = chip_square(landmarks_Nx2, size, padding)
     down, grow = _rect_down(rect), 2.0
@@ -131,7 +132,7 @@ def chip_plan(landmarks_Nx2, height, width, size=CHIP_SIZE, padding=CHIP_PADDING
     grown = np.maximum(grown, [0, 0, -np.inf, -np.inf])
     grown = np.minimum(grown, [np.inf, np.inf, width - 1, height - 1])
     box = np.floor(np.abs(grown) + 0.5) * np.sign(grown)  # std::lround: halves away from 0
-    box_wh = (int(box[2] - box[0]) + 1, int(box[3] - box[1]) + 1)
+    box_size = box_wh = (int(box[2] - box[0]) + 1, int(box[3] - box[1]) + 1)
     rect = rect - np.array([box[0], box[1], box[0], box[1]])
     level = 0
     while _area(_rect_down(rect)) > size * size:
@@ -139,8 +140,8 @@ def chip_plan(landmarks_Nx2, height, width, size=CHIP_SIZE, padding=CHIP_PADDING
         box_wh = ((box_wh[0] - 3) // 2, (box_wh[1] - 3) // 2)
     tl, tr, bl, _ = _corners(rect, angle)
     affine_23 = np.stack([(tr - tl) / (size - 1), (bl - tl) / (size - 1), tl], -1)
-    return {"box_xy": box[:2].astype(int), "level": level, "level_wh": box_wh,
-            "affine_23": affine_23}
+    return {"box_xy": box[:2].astype(int), "box_wh": box_size, "level": level,
+            "level_wh": box_wh, "affine_23": affine_23}
 
 
 def pyramid_down(image_BHWC):
@@ -156,17 +157,22 @@ def pyramid_down(image_BHWC):
     return jnp.floor(filter_axis(filter_axis(image_BHWC, 2), 1) / 256.0)
 
 
-@functools.partial(jax.jit, static_argnames=("levels", "size"))
-def _extract(images_BHWC, box_xy_B2, level_B, level_wh_B2, affine_B23, *, levels, size):
-    batch, height, width, _ = images_BHWC.shape
-    padded = jnp.pad(images_BHWC.astype(jnp.float32), ((0, 0), (0, height), (0, width), (0, 0)))
-    shift = jax.vmap(lambda image, x, y: jax.lax.dynamic_slice(
-        image, (y, x, 0), (height, width, image.shape[-1])))
-    level_image = shift(padded, box_xy_B2[:, 0], box_xy_B2[:, 1])  # boxes at the origin
+@functools.partial(jax.jit, static_argnames=("levels", "size", "crop_hw"))
+def _extract(images_BHWC, box_xy_B2, level_B, level_wh_B2, affine_B23, *, levels, size,
+             crop_hw):
+    batch, channels = images_BHWC.shape[0], images_BHWC.shape[-1]
+    crop_height, crop_width = crop_hw
+    padded = jnp.pad(images_BHWC.astype(jnp.float32),
+                     ((0, 0), (0, crop_height), (0, crop_width), (0, 0)))
+    crop = jax.vmap(lambda image, x, y: jax.lax.dynamic_slice(
+        image, (y, x, 0), (crop_height, crop_width, channels)))
+    level_image = crop(padded, box_xy_B2[:, 0], box_xy_B2[:, 1])  # each face's box at (0, 0)
+    # Chip pixel (x, y) reads level pixel affine @ (x, y, 1): elementwise, as a matmul could run
+    # in reduced precision on a GPU (TF32).
     ys, xs = jnp.meshgrid(jnp.arange(size, dtype=jnp.float32),
                           jnp.arange(size, dtype=jnp.float32), indexing="ij")
-    chip_HW3 = jnp.stack([xs, ys, jnp.ones_like(xs)], -1)
-    where_BHW2 = jnp.einsum("bij,hwj->bhwi", affine_B23, chip_HW3)
+    a = affine_B23[:, None, None, :, :]  # (B, 1, 1, 2, 3)
+    where_BHW2 = a[..., 0] * xs[..., None] + a[..., 1] * ys[..., None] + a[..., 2]
     # dlib reads a pixel only when its whole 2x2 neighbourhood lies in the (level's) box.
     corner_BHW2 = jnp.floor(where_BHW2)
     inside_BHW = jnp.all((corner_BHW2 >= 0) & (corner_BHW2 + 1 < level_wh_B2[:, None, None, :]),
@@ -190,11 +196,21 @@ def _extract(images_BHWC, box_xy_B2, level_B, level_wh_B2, affine_B23, *, levels
 def extract_chips(images_BHW3, landmarks_BNx2, size=CHIP_SIZE, padding=CHIP_PADDING):
     """dlib's face chips (B, size, size, 3) uint8 of one face per image, from N = 68 or 5
     landmarks (dlib's ``get_face_chip(image, shape, size, padding)``)."""
+    landmarks_BNx2 = np.asarray(landmarks_BNx2, np.float64)
+    if len(landmarks_BNx2) != len(images_BHW3) or not np.isfinite(landmarks_BNx2).all():
+        raise ValueError(f"extract_chips wants finite landmarks for each of the "
+                         f"{len(images_BHW3)} images; got {landmarks_BNx2.shape} "
+                         f"({np.isnan(landmarks_BNx2).any(axis=(1, 2)).sum()} with NaN)")
     images_BHW3 = jnp.asarray(images_BHW3)
     height, width = images_BHW3.shape[1:3]
     plans = [chip_plan(np.asarray(marks), height, width, size, padding)
              for marks in landmarks_BNx2]
     stack = lambda key, dtype: jnp.asarray(np.stack([plan[key] for plan in plans]), dtype)
+    # The boxes are cut out at one size (rounded up, to compile for few sizes): the pyramid
+    # then costs the face's area, not the frame's.
+    box_hw = np.max([plan["box_wh"][::-1] for plan in plans], axis=0)
+    crop_hw = tuple(int(v) for v in np.minimum(-(-box_hw // CROP_STEP) * CROP_STEP,
+                                               (height, width)))
     return _extract(images_BHW3, stack("box_xy", jnp.int32), stack("level", jnp.int32),
                     stack("level_wh", jnp.int32), stack("affine_23", jnp.float32),
-                    levels=max(plan["level"] for plan in plans), size=size)
+                    levels=max(plan["level"] for plan in plans), size=size, crop_hw=crop_hw)

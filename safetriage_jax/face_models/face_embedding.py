@@ -25,6 +25,9 @@ from safetriage_jax.face_models.face_chip import CHIP_PADDING, CHIP_SIZE, extrac
 
 MODEL_FILE = "dlib_face_recognition_resnet_model_v1.dat"
 DLIB_MEAN_RGB = (122.782, 117.001, 104.298)  # input_rgb_image_sized's defaults
+# dlib computes in float32; GPUs would otherwise multiply in TF32 (10-bit mantissas) and move
+# descriptors by ~1e-3, the whole parity budget.
+FULL_FLOAT32 = jax.lax.Precision.HIGHEST
 # (name, width, blocks, whether the first block halves the size), bottom to top.
 LEVELS = (("level4", 32, 3, False), ("level3", 64, 4, True), ("level2", 128, 3, True),
           ("level1", 256, 3, True), ("level0", 256, 1, True))
@@ -104,7 +107,8 @@ class Affine(nn.Module):
 def _conv(features, kernel, stride, name):
     """dlib's con_ with its default padding: none at stride 2, kernel // 2 at stride 1."""
     padding = "VALID" if stride == 2 else [(kernel // 2, kernel // 2)] * 2
-    return nn.Conv(features, (kernel, kernel), (stride, stride), padding, name=name)
+    return nn.Conv(features, (kernel, kernel), (stride, stride), padding, name=name,
+                   precision=FULL_FLOAT32)
 
 
 def _add_zero_padded(a_BHWC, b_BHWC):
@@ -143,7 +147,8 @@ class FaceResNet(nn.Module):
             for index in range(blocks):
                 stride = 2 if halves and index == 0 else 1
                 x = ResidualBlock(width, stride, name=f"{level}_block{index}")(x)
-        return nn.Dense(128, use_bias=False, name="embedding")(x.mean(axis=(1, 2)))
+        embedding = nn.Dense(128, use_bias=False, precision=FULL_FLOAT32, name="embedding")
+        return embedding(x.mean(axis=(1, 2)))
 
 
 class Stem(nn.Module):
