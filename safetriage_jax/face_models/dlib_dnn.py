@@ -54,8 +54,10 @@ def read_con(f):
     use_bias = read_bool(f) if name in ("con_5", "con_6") else True
     if name == "con_6":
         read_bool(f)  # use_relu: a fused relu, only ever set by dlib's own layer fusing
+    if filters_shape[0] != num_filters or filters_shape[2:] != (rows, cols):
+        raise ValueError(f"con_ record: filters {filters_shape} for {num_filters} filters of "
+                         f"{rows}x{cols}")
     weight = params[:int(np.prod(filters_shape))].reshape(filters_shape)
-    assert filters_shape[0] == num_filters and filters_shape[2:] == (rows, cols)
     bias = params[weight.size:weight.size + num_filters] if use_bias else np.zeros(num_filters,
                                                                                  np.float32)
     return {"kind": "con", "weight_OIHW": weight, "bias": bias, "stride": stride,
