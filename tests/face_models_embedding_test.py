@@ -70,6 +70,60 @@ def test_reads_dlib_serialization_primitives():
         read_bool(io.BytesIO(b"x"))
 
 
+def _dlib_int(value):
+    """dlib's integer encoding (the writer side of read_int), for hand-made records."""
+    data = abs(value).to_bytes(max(1, (abs(value).bit_length() + 7) // 8), "little")
+    return bytes([len(data) | (0x80 if value < 0 else 0)]) + data
+
+
+def _dlib_float(value):
+    numerator, denominator = float(value).as_integer_ratio()
+    return _dlib_int(numerator) + _dlib_int(-(denominator.bit_length() - 1))
+
+
+def _dlib_str(text):
+    return _dlib_int(len(text)) + text.encode()
+
+
+def _dlib_tensor(values, shape):
+    return (_dlib_int(2) + b"".join(map(_dlib_int, shape))
+            + np.asarray(values, "<f4").tobytes())
+
+
+def _dlib_alias(shape):
+    return _dlib_int(1) + b"".join(map(_dlib_int, shape))
+
+
+def test_folds_batch_norm_records_like_dlib(rng):
+    # A bn_con2 record read as an affine layer: dlib folds it to gamma / sqrt(var + eps) and
+    # beta - scale * mean (affine_'s constructor from bn_).
+    gamma, beta, mean = rng.normal(size=(3, 4)).astype(np.float32)
+    var, eps = rng.uniform(0.5, 2.0, 4).astype(np.float32), 1e-5
+    record = (_dlib_str("bn_con2") + _dlib_tensor(np.concatenate([gamma, beta]), (8, 1, 1, 1))
+              + _dlib_alias((1, 4, 1, 1)) + _dlib_alias((1, 4, 1, 1))
+              + _dlib_tensor([], (0, 0, 0, 0)) + _dlib_tensor([], (0, 0, 0, 0))
+              + _dlib_tensor(mean, (1, 4, 1, 1)) + _dlib_tensor(var, (1, 4, 1, 1))
+              + _dlib_int(1000) + _dlib_float(100.0) + b"".join(map(_dlib_float, [1, 1, 1, 0]))
+              + _dlib_float(eps))
+    stream = io.BytesIO(record)
+    affine = dlib_dnn.read_affine(stream)
+    assert stream.read() == b""  # the whole record, no more
+    scale = gamma / np.sqrt(var + np.float32(eps))
+    np.testing.assert_allclose(affine["scale"], scale, rtol=1e-6)
+    np.testing.assert_allclose(affine["shift"], beta - scale * mean, rtol=1e-5, atol=1e-6)
+    # A newer con_ record (con_6: use_bias, use_relu flags) without bias: filters (out, in,
+    # rows, cols), zero bias.
+    weight = rng.normal(size=(2, 3, 1, 1)).astype(np.float32)
+    con = (_dlib_str("con_6") + _dlib_tensor(weight.ravel(), (6, 1, 1, 1))
+           + b"".join(map(_dlib_int, [2, 1, 1, 1, 1, 0, 0])) + _dlib_alias((2, 3, 1, 1))
+           + _dlib_alias((1, 2, 1, 1)) + b"".join(map(_dlib_float, [1, 1, 1, 0])) + b"00")
+    record = dlib_dnn.read_con(io.BytesIO(con))
+    np.testing.assert_array_equal(record["weight_OIHW"], weight)
+    np.testing.assert_array_equal(record["bias"], np.zeros(2))
+    with pytest.raises(ValueError, match="fused relu"):
+        dlib_dnn.read_con(io.BytesIO(con[:-1] + b"1"))
+
+
 def test_parses_the_model_into_the_flax_module():
     params = face_embedding.read_params(_models_dir() / face_embedding.MODEL_FILE)
     expected = jax.eval_shape(face_embedding.FaceResNet().init, jax.random.PRNGKey(0),

@@ -52,8 +52,8 @@ def read_con(f):
     for _ in range(4):  # learning-rate and weight-decay multipliers
         read_float(f)
     use_bias = read_bool(f) if name in ("con_5", "con_6") else True
-    if name == "con_6":
-        read_bool(f)  # use_relu: a fused relu, only ever set by dlib's own layer fusing
+    if name == "con_6" and read_bool(f):  # use_relu: set when dlib fuses a following relu
+        raise ValueError("con_ records with a fused relu are not supported")
     if filters_shape[0] != num_filters or filters_shape[2:] != (rows, cols):
         raise ValueError(f"con_ record: filters {filters_shape} for {num_filters} filters of "
                          f"{rows}x{cols}")
