@@ -151,6 +151,8 @@ def _conv_params(op, consts, attrs):
              for key, value in attrs.items() if key != "auto_pad"}
     attrs["features"] = int(features)
     attrs["kernel_shape"] = tuple(weight.shape[2:])
+    if op == "Conv" and _is_pointwise(Node(op, "", (), "", tuple(sorted(attrs.items())))):
+        kernel = kernel[0, 0]
     return {"kernel": np.ascontiguousarray(kernel), "bias": bias}, attrs
 
 
@@ -180,6 +182,45 @@ def _check_outputs(nodes, params, outputs, path):
                                   f"with {OUTPUT_CHANNELS} channels.")
 
 
+def _is_pointwise(node):
+    """A 1x1 convolution that is a matrix product over channels (XLA:CPU runs nn.Dense ~30%
+    faster than the same nn.Conv); its kernel is stored as (I, O)."""
+    return (node.attr("kernel_shape") == (1, 1) and node.attr("group", 1) == 1
+            and set(node.attr("strides", (1, 1))) == {1} and set(node.attr("pads", (0,))) == {0})
+
+
+def _is_depthwise(node):
+    """One filter per channel (MobileNet's 3x3 convolutions), undilated."""
+    return (node.attr("group", 1) == node.attr("features") > 1
+            and set(node.attr("dilations", (1, 1))) == {1})
+
+
+class DepthwiseConv(nn.Module):
+    """A depthwise convolution as a sum of shifted, strided slices times per-channel weights:
+    XLA:CPU runs the same op as a grouped convolution 5-30x slower. Parameters as nn.Conv's
+    (kernel (kh, kw, 1, C), bias (C,))."""
+
+    kernel_shape: tuple
+    strides: tuple
+    padding: tuple  # ((top, bottom), (left, right))
+
+    @nn.compact
+    def __call__(self, x_BHWC):
+        channels = x_BHWC.shape[-1]
+        kernel = self.param("kernel", nn.initializers.lecun_normal(),
+                            (*self.kernel_shape, 1, channels))
+        bias = self.param("bias", nn.initializers.zeros, (channels,))
+        padded = jnp.pad(x_BHWC, ((0, 0), *self.padding, (0, 0)))
+        (k_h, k_w), (s_h, s_w) = self.kernel_shape, self.strides
+        out_h, out_w = (padded.shape[1] - k_h) // s_h + 1, (padded.shape[2] - k_w) // s_w + 1
+        out = bias
+        for i in range(k_h):
+            for j in range(k_w):
+                window = padded[:, i:i + s_h * (out_h - 1) + 1:s_h, j:j + s_w * (out_w - 1) + 1:s_w]
+                out = out + window * kernel[i, j, 0]
+        return out
+
+
 class CenterFaceNet(nn.Module):
     """The ONNX node list in Flax: (B, H, W, 3) float RGB in [0, 255], H and W multiples of 32
     -> dict of OUTPUTS maps at 1/4 the size (heatmap after its sigmoid)."""
@@ -192,7 +233,14 @@ class CenterFaceNet(nn.Module):
         values = {self.graph.input: image_BHW3}
         for node in self.graph.nodes:
             args = [values[name] for name in node.inputs]
-            if node.op == "Conv":
+            if node.op == "Conv" and _is_depthwise(node):
+                top, left, bottom, right = node.attr("pads", (0, 0, 0, 0))
+                out = DepthwiseConv(node.attr("kernel_shape"), node.attr("strides", (1, 1)),
+                                    ((top, bottom), (left, right)), name=node.name)(args[0])
+            elif node.op == "Conv" and _is_pointwise(node):
+                out = nn.Dense(node.attr("features"), precision=self.precision,
+                               name=node.name)(args[0])
+            elif node.op == "Conv":
                 top, left, bottom, right = node.attr("pads", (0, 0, 0, 0))
                 out = nn.Conv(node.attr("features"), node.attr("kernel_shape"),
                               strides=node.attr("strides", (1, 1)),
