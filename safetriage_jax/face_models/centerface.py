@@ -90,9 +90,6 @@ def read_onnx(path=None):
                for t in model.graph.initializer}
     inputs = [v.name for v in model.graph.input if v.name not in weights]
     outputs = [v.name for v in model.graph.output]
-    if len(inputs) != 1 or len(outputs) != len(OUTPUTS):
-        raise SafeTriageError(f"{path} is not CenterFace: it has {len(inputs)} input(s) and "
-                              f"{len(outputs)} output(s), not 1 and {len(OUTPUTS)}.")
     consumers = {}
     for onnx_node in model.graph.node:
         for name in onnx_node.input:
@@ -115,6 +112,9 @@ def read_onnx(path=None):
                                   "constant operand, which this reader does not map.")
         nodes.append(Node(onnx_node.op_type, name, tuple(data), onnx_node.output[0],
                           tuple(sorted(attrs.items()))))
+    if len(inputs) != 1 or len(outputs) != len(OUTPUTS):
+        raise SafeTriageError(f"{path} is not CenterFace: it has {len(inputs)} input(s) and "
+                              f"{len(outputs)} output(s), not 1 and {len(OUTPUTS)}.")
     _check_outputs(nodes, params, outputs, path)
     return Graph(inputs[0], tuple(outputs), tuple(nodes)), params
 
@@ -331,6 +331,7 @@ class CenterFace:
                  max_candidates=MAX_CANDIDATES):
         graph, params = read_onnx(onnx_path)
         self.net, self.params = CenterFaceNet(graph), jax.device_put(params)
+        self.threshold, self.max_faces = threshold, max_faces
         options = dict(threshold=threshold, max_faces=max_faces, max_candidates=max_candidates)
         self._maps = jax.jit(functools.partial(network_maps, self.net))
         self._raw = jax.jit(functools.partial(detect_frames, self.net, **options))

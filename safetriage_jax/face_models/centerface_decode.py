@@ -47,7 +47,8 @@ def pairwise_iou(boxes_BK4):
 
 def greedy_nms(boxes_BK4, valid_BK, iou_threshold=NMS_IOU):
     """Keeps each valid box (sorted by falling score) unless a kept higher one overlaps it."""
-    overlap_BKK = pairwise_iou(boxes_BK4) >= iou_threshold
+    overlap_BKK = pairwise_iou(jnp.asarray(boxes_BK4)) >= iou_threshold
+    valid_BK = jnp.asarray(valid_BK)
 
     def visit(index, keep_BK):
         suppressed_B = jnp.any(keep_BK & overlap_BKK[:, :, index], axis=1)
