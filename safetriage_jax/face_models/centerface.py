@@ -57,10 +57,7 @@ class Node:
     name: str
     inputs: tuple
     output: str
-    attrs: tuple = ()  # sorted (key, value) pairs; values are ints or tuples of ints
-
-    def attr(self, key, default=None):
-        return dict(self.attrs).get(key, default)
+    attrs: tuple = ()  # sorted (key, value) pairs; values are numbers or tuples of ints
 
 
 @dataclasses.dataclass(frozen=True)
@@ -74,7 +71,8 @@ class Graph:
 
 def read_onnx(path=None):
     """Reads CenterFace's ONNX file into (Graph, params); params is a dict of numpy arrays per
-    node, kernels in HWIO. BatchNormalization is folded into the convolution before it."""
+    node: kernel (HWIO; (I, O) for 1x1 convolutions) and bias. BatchNormalization is folded into
+    the convolution before it."""
     try:
         import onnx
         from onnx import numpy_helper
@@ -131,10 +129,10 @@ def _check_supported(onnx_node, attrs, path):
         ("group", op != "ConvTranspose" or attrs.get("group", 1) == 1),
         ("dilations", op != "ConvTranspose" or set(attrs.get("dilations", [1])) == {1}),
         ("pads", op != "ConvTranspose" or set(attrs.get("pads", [0])) == {0})) if not ok]
-    if unknown or odd or len(onnx_node.output) != 1:
+    problems = sorted(unknown) + odd + (["several outputs"] if len(onnx_node.output) != 1 else [])
+    if problems:
         raise SafeTriageError(f"{path}: ONNX {op} node {onnx_node.name!r} uses attributes or "
-                              f"outputs this reader does not map ({', '.join(sorted(unknown) + odd)}"
-                              f"{', several outputs' if len(onnx_node.output) != 1 else ''}).")
+                              f"outputs this reader does not map ({', '.join(problems)}).")
 
 
 def _conv_params(op, consts, attrs):
@@ -151,18 +149,19 @@ def _conv_params(op, consts, attrs):
              for key, value in attrs.items() if key != "auto_pad"}
     attrs["features"] = int(features)
     attrs["kernel_shape"] = tuple(weight.shape[2:])
-    if op == "Conv" and _is_pointwise(Node(op, "", (), "", tuple(sorted(attrs.items())))):
+    if op == "Conv" and _is_pointwise(attrs):
         kernel = kernel[0, 0]
     return {"kernel": np.ascontiguousarray(kernel), "bias": bias}, attrs
 
 
 def _fold_batch_norm(nodes, params, source, output, consts, epsilon, consumers, graph_outputs):
-    """Inference BatchNorm folded into the convolution that alone feeds it (renamed to ``output``)."""
+    """Inference BatchNorm folded into the convolution that alone feeds it (which then
+    produces ``output``)."""
     producer = next((i for i, node in enumerate(nodes) if node.output == source), None)
     if (producer is None or nodes[producer].op not in ("Conv", "ConvTranspose")
             or consumers.get(source) != 1 or source in graph_outputs):
-        raise SafeTriageError("A BatchNormalization that does not follow its own convolution is not "
-                              "mapped to JAX.")
+        raise SafeTriageError("A BatchNormalization that does not follow its own convolution "
+                              "is not mapped to JAX.")
     gamma, beta, mean, var = (c.astype(np.float64) for c in consts)
     factor = gamma / np.sqrt(var + epsilon)
     conv = params[nodes[producer].name]
@@ -182,17 +181,18 @@ def _check_outputs(nodes, params, outputs, path):
                                   f"with {OUTPUT_CHANNELS} channels.")
 
 
-def _is_pointwise(node):
-    """A 1x1 convolution that is a matrix product over channels (XLA:CPU runs nn.Dense ~30%
+def _is_pointwise(conv_attrs):
+    """A 1x1 convolution, i.e. a matrix product over channels (XLA:CPU runs nn.Dense ~30%
     faster than the same nn.Conv); its kernel is stored as (I, O)."""
-    return (node.attr("kernel_shape") == (1, 1) and node.attr("group", 1) == 1
-            and set(node.attr("strides", (1, 1))) == {1} and set(node.attr("pads", (0,))) == {0})
+    return (conv_attrs.get("kernel_shape") == (1, 1) and conv_attrs.get("group", 1) == 1
+            and set(conv_attrs.get("strides", (1,))) == {1}
+            and set(conv_attrs.get("pads", (0,))) == {0})
 
 
-def _is_depthwise(node):
+def _is_depthwise(conv_attrs):
     """One filter per channel (MobileNet's 3x3 convolutions), undilated."""
-    return (node.attr("group", 1) == node.attr("features") > 1
-            and set(node.attr("dilations", (1, 1))) == {1})
+    return (conv_attrs.get("group", 1) == conv_attrs.get("features") > 1
+            and set(conv_attrs.get("dilations", (1,))) == {1})
 
 
 class DepthwiseConv(nn.Module):
@@ -232,25 +232,22 @@ class CenterFaceNet(nn.Module):
     def __call__(self, image_BHW3):
         values = {self.graph.input: image_BHW3}
         for node in self.graph.nodes:
-            args = [values[name] for name in node.inputs]
-            if node.op == "Conv" and _is_depthwise(node):
-                top, left, bottom, right = node.attr("pads", (0, 0, 0, 0))
-                out = DepthwiseConv(node.attr("kernel_shape"), node.attr("strides", (1, 1)),
-                                    ((top, bottom), (left, right)), name=node.name)(args[0])
-            elif node.op == "Conv" and _is_pointwise(node):
-                out = nn.Dense(node.attr("features"), precision=self.precision,
+            args, attrs = [values[name] for name in node.inputs], dict(node.attrs)
+            top, left, bottom, right = attrs.get("pads", (0, 0, 0, 0))
+            padding, strides = ((top, bottom), (left, right)), attrs.get("strides", (1, 1))
+            if node.op == "Conv" and _is_depthwise(attrs):
+                out = DepthwiseConv(attrs["kernel_shape"], strides, padding,
+                                    name=node.name)(args[0])
+            elif node.op == "Conv" and _is_pointwise(attrs):
+                out = nn.Dense(attrs["features"], precision=self.precision,
                                name=node.name)(args[0])
             elif node.op == "Conv":
-                top, left, bottom, right = node.attr("pads", (0, 0, 0, 0))
-                out = nn.Conv(node.attr("features"), node.attr("kernel_shape"),
-                              strides=node.attr("strides", (1, 1)),
-                              padding=((top, bottom), (left, right)),
-                              kernel_dilation=node.attr("dilations", (1, 1)),
-                              feature_group_count=node.attr("group", 1), precision=self.precision,
+                out = nn.Conv(attrs["features"], attrs["kernel_shape"], strides, padding,
+                              kernel_dilation=attrs.get("dilations", (1, 1)),
+                              feature_group_count=attrs.get("group", 1), precision=self.precision,
                               name=node.name)(args[0])
-            elif node.op == "ConvTranspose":
-                out = nn.ConvTranspose(node.attr("features"), node.attr("kernel_shape"),
-                                       strides=node.attr("strides", (1, 1)), padding="VALID",
+            elif node.op == "ConvTranspose":  # read_onnx admits only pads 0, dilations 1, group 1
+                out = nn.ConvTranspose(attrs["features"], attrs["kernel_shape"], strides, "VALID",
                                        precision=self.precision, name=node.name)(args[0])
             elif node.op == "Relu":
                 out = nn.relu(args[0])
@@ -275,7 +272,8 @@ def _opencv_linear_taps(size_in, size_out):
     source = ((np.arange(size_out) + 0.5) * (1.0 / (size_out / size_in)) - 0.5).astype(np.float32)
     first = np.floor(source).astype(np.int64)
     frac = source - first.astype(np.float32)
-    weights = [np.round((np.float32(1) - frac) * np.float32(2048)), np.round(frac * np.float32(2048))]
+    one, scale = np.float32(1), np.float32(2048)
+    weights = [np.round((one - frac) * scale), np.round(frac * scale)]
     taps = [np.clip(first, 0, size_in - 1), np.clip(first + 1, 0, size_in - 1)]
     return taps, [w.astype(np.int32) for w in weights]
 
