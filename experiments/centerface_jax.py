@@ -124,7 +124,7 @@ def main():
               f"{'heatmap':>9} {'scale':>9} {'offset':>9}")
         for name, row in result["parity"].items():
             print(f"{name:>12} {row['frames']:>7} {row['faces']:>6} {row['count_mismatches']:>11} "
-                  f"{row["max_box_px"]:>7.0e} {row['heatmap_rel_err']:>9.1e} "
+                  f"{row['max_box_px']:>7.0e} {row['heatmap_rel_err']:>9.1e} "
                   f"{row['scale_rel_err']:>9.1e} {row['offset_rel_err']:>9.1e}")
     speed = frames_per_second(frames, args.batch, args.iters, detector, reference)
     result["speed"] = speed
