@@ -109,12 +109,14 @@ def test_two_faces_side_by_side_and_a_faceless_frame(detector, reference, drivin
 
 
 def test_detect_batch_frames_faces_as_the_opencv_detector(detector, driving):
-    """dlib's framing (faces.CenterFaceDetector), largest face first, one compile per size."""
+    """dlib's framing (faces.CenterFaceDetector), largest face first."""
     boxes_BN4, scores_BN, valid_BN = (np.asarray(x) for x in detector.detect_batch(driving))
     assert boxes_BN4.shape == (3, detector.max_faces, 4)
     opencv = CenterFaceDetector(threshold=THRESHOLD)
     for frame, boxes, scores, valid in zip(driving, boxes_BN4, scores_BN, valid_BN):
         theirs, their_scores = opencv(frame, 0)
+        largest_first = np.argsort(-(theirs[:, 2] - theirs[:, 0]), kind="stable")
+        theirs, their_scores = theirs[largest_first], their_scores[largest_first]
         assert valid.tolist() == [True] * len(theirs) + [False] * (len(valid) - len(theirs))
         np.testing.assert_allclose(boxes[:len(theirs)], theirs, atol=BOX_TOLERANCE_PX)
         np.testing.assert_allclose(scores[:len(theirs)], their_scores, atol=1e-4)
