@@ -88,7 +88,8 @@ class FaceModels:
 
 # CenterFace boxes include the forehead. On the shared samples (23 frames) they are 0.91x dlib's
 # box side wide, 1.15x high and centred 0.10 sides higher, so they are turned into squares of
-# side sqrt(w h) / 1.02, moved down by 0.10 sides: the 68-point predictor was trained on dlib's boxes.
+# side sqrt(w h) / 1.02, moved down by 0.10 sides: the 68-point predictor was trained on dlib's
+# boxes.
 CENTERFACE_THRESHOLD = 0.5  # heatmap score a face needs
 CENTERFACE_SIDE_RATIO = 1.02
 CENTERFACE_SHIFT_DOWN = 0.10
