@@ -107,7 +107,7 @@ def read_ints(f, count=None):
     control_K = data_N[starts_K]
     sizes_K = (control_K & SIZE_BITS).astype(np.int64)
     ends_K = starts_K + 1 + sizes_K
-    bad = (control_K & UNUSED_BITS != 0) | (sizes_K == 0)
+    bad = (control_K & UNUSED_BITS != 0) | (sizes_K == 0) | (sizes_K > 8)
     if bad.any() or (len(ends_K) and ends_K[-1] > len(data_N)) or (
             count is None and len(ends_K) and ends_K[-1] != len(data_N)):
         f.seek(start + (int(starts_K[np.argmax(bad)]) if bad.any() else len(data_N)))

@@ -171,9 +171,9 @@ def _to_pixels(offset, scale, u):
     return offset + rounded
 
 
-def _split_weights(weights_N2, parts=3, bits=12):
+def _split_weights(weights_N2, parts=4, bits=12):
     """float64 weights -> (parts, N, 2) float32 pieces of ``bits`` significant bits each (their
-    sum is the weight to ~2**-36): a piece times a 12-bit float32 is exact in float32."""
+    sum is the weight to ~2**-48): a piece times a 12-bit float32 is exact in float32."""
     pieces, rest = [], np.asarray(weights_N2, np.float64)
     for _ in range(parts):
         fraction, exponent = np.frexp(rest)
@@ -222,7 +222,7 @@ def similarity_weights(initial_N2):
     norm = (centred_N2 ** 2).sum()
     a_N2 = centred_N2 / norm
     b_N2 = np.stack([-centred_N2[:, 1], centred_N2[:, 0]], -1) / norm
-    return _split_weights(a_N2).reshape(3, -1), _split_weights(b_N2).reshape(3, -1)
+    return _split_weights(a_N2).reshape(4, -1), _split_weights(b_N2).reshape(4, -1)
 
 
 def _similarity(weights_a_JK, weights_b_JK, to_BN2):
