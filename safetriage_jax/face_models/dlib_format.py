@@ -116,7 +116,7 @@ def read_ints(f, count=None):
     values_K = np.zeros(len(starts_K), np.int64)
     for byte in range(int(sizes_K.max(initial=0))):  # little-endian magnitude bytes
         digit_K = padded_N[starts_K + (1 + byte)]
-        digit_K[sizes_K <= byte] = 0
+        digit_K *= sizes_K > byte
         values_K |= digit_K.astype(np.int64) << (8 * byte)
     f.seek(start + (int(ends_K[-1]) if len(ends_K) else 0))
     return np.where(control_K & SIGN_BIT, -values_K, values_K)
