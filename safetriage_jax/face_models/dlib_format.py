@@ -88,7 +88,8 @@ def read_float_matrix(f):
 
 
 def read_ints(f, count=None):
-    """The next ``count`` integers (all of them to the end of the file if None) as int64.
+    """The next ``count`` integers (all of them to the end of the file if None): int32, or
+    int64 when any takes more than 3 bytes.
 
     Vectorised: an integer's length is in its first byte, so the bytes are cut into blocks and
     one walker per block hops from integer to integer, all blocks at once. A walker starts at
@@ -105,21 +106,22 @@ def read_ints(f, count=None):
             raise _corrupt(f, "it ends inside a run of integers")
         starts_K = starts_K[:count]
     control_K = data_N[starts_K]
-    sizes_K = (control_K & SIZE_BITS).astype(np.int64)
-    ends_K = starts_K + 1 + sizes_K
-    bad = (control_K & UNUSED_BITS != 0) | (sizes_K == 0) | (sizes_K > 8)
-    if bad.any() or (len(ends_K) and ends_K[-1] > len(data_N)) or (
-            count is None and len(ends_K) and ends_K[-1] != len(data_N)):
-        f.seek(start + (int(starts_K[np.argmax(bad)]) if bad.any() else len(data_N)))
+    sizes_K = control_K & SIZE_BITS
+    bad_K = (control_K & UNUSED_BITS != 0) | (sizes_K - np.uint8(1) > 7)  # sizes 1..8 only
+    end = int(starts_K[-1]) + 1 + int(sizes_K[-1]) if len(starts_K) else 0
+    if bad_K.any() or end > len(data_N) or (count is None and end != len(data_N)):
+        f.seek(start + (int(starts_K[np.argmax(bad_K)]) if bad_K.any() else len(data_N)))
         raise _corrupt(f, "a bad integer")
+    longest = int(sizes_K.max(initial=1))
+    values_K = np.zeros(len(starts_K), np.int32 if longest <= 3 else np.int64)
     padded_N = np.concatenate([data_N, np.zeros(8, np.uint8)])
-    values_K = np.zeros(len(starts_K), np.int64)
-    for byte in range(int(sizes_K.max(initial=0))):  # little-endian magnitude bytes
+    for byte in range(longest):  # little-endian magnitude bytes
         digit_K = padded_N[starts_K + (1 + byte)]
         digit_K *= sizes_K > byte
-        values_K |= digit_K.astype(np.int64) << (8 * byte)
-    f.seek(start + (int(ends_K[-1]) if len(ends_K) else 0))
-    return np.where(control_K & SIGN_BIT, -values_K, values_K)
+        values_K |= digit_K.astype(values_K.dtype) << (8 * byte)
+    np.negative(values_K, out=values_K, where=control_K >= SIGN_BIT)
+    f.seek(start + end)
+    return values_K
 
 
 def _int_starts(data_N):
@@ -149,4 +151,4 @@ def _int_starts(data_N):
         else:
             visited_N[begin:end] = False
         visited_N[own] = True
-    return np.flatnonzero(visited_N)
+    return np.flatnonzero(visited_N).astype(np.int32 if size < 2 ** 31 else np.int64)

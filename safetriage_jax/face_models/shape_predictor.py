@@ -240,8 +240,12 @@ def _level(params, grey_BHW, rects_B4, level, shape_BN2):
     a_B, b_B = _similarity(params["weights_a_JK"], params["weights_b_JK"], shape_BN2)
     deltas_P2 = params["deltas_LP2"][level]
     anchor_BP2 = shape_BN2[:, params["anchors_LP"][level]]
-    u_BP = a_B[:, None] * deltas_P2[:, 0] - b_B[:, None] * deltas_P2[:, 1] + anchor_BP2[..., 0]
-    v_BP = b_B[:, None] * deltas_P2[:, 0] + a_B[:, None] * deltas_P2[:, 1] + anchor_BP2[..., 1]
+    # dlib rounds each product before adding: keep a fused multiply-add (GPUs) from merging them
+    products = jax.lax.optimization_barrier(
+        [a_B[:, None] * deltas_P2[:, 0], b_B[:, None] * deltas_P2[:, 1],
+         b_B[:, None] * deltas_P2[:, 0], a_B[:, None] * deltas_P2[:, 1]])
+    u_BP = products[0] - products[1] + anchor_BP2[..., 0]
+    v_BP = products[2] + products[3] + anchor_BP2[..., 1]
     left, top, right, bottom = (rects_B4[:, i, None] for i in range(4))
     column_BP = _to_pixels(left, right - left, u_BP)
     row_BP = _to_pixels(top, bottom - top, v_BP)
