@@ -4,8 +4,8 @@ The model file (``shape_predictor_68_face_landmarks.dat`` of ``face-recognition-
 parsed with numpy into stacked arrays, and the whole cascade runs as one jitted function,
 batched over faces, with the semantics of dlib's C++ (dlib/image_processing/shape_predictor.h):
 
-- Shapes live in box-normalised coordinates: (0, 0) is the box's top-left corner and (1, 1)
-  its bottom-right one (dlib's inclusive corners: ``right = left + width``).
+- Shapes live in box-normalised coordinates: (0, 0) is the box's top-left pixel and (1, 1)
+  its bottom-right one (dlib's rectangles include their right and bottom edges).
 - Each of the L cascade levels reads P feature pixels. Pixel p sits at ``delta_p`` from its
   anchor landmark, an offset given in the mean (initial) shape; it is moved into the current
   shape by the similarity transform (least squares, Umeyama) from the mean shape to the current
@@ -86,11 +86,12 @@ def load_shape_predictor(path=None):
             if version != 1:
                 raise SafeTriageError(f"unknown shape_predictor version {version}")
             return _parse(_Ints(dlib_format.read_ints(f)))
-    except SafeTriageError as err:
+    except (SafeTriageError, OSError) as err:
         raise SafeTriageError(f"Could not read the shape predictor {path}: {err}") from None
 
 
 def _parse(ints):
+    """The predictor from its integers: initial shape, forests, anchors, deltas (dlib's order)."""
     rows, columns = abs(ints.one()), abs(ints.one())
     initial_N2 = ints.floats(rows * columns).reshape(-1, 2)
     num_values = initial_N2.size
@@ -121,7 +122,8 @@ def _parse(ints):
         raise SafeTriageError("levels or trees of different sizes (not supported)") from None
     if not (len(splits_LTS4) == len(anchors_LP) == len(deltas_LP2) and splits_LTS4.size):
         raise SafeTriageError("as many levels of trees, anchors and deltas are needed")
-    if anchors_LP.max() >= len(initial_N2) or splits_LTS4[..., :2].max() >= anchors_LP.shape[1]:
+    indices = (anchors_LP, len(initial_N2)), (splits_LTS4[..., :2], anchors_LP.shape[1])
+    if any(index.min() < 0 or index.max() >= limit for index, limit in indices):
         raise SafeTriageError("an index out of range")
     leaves_LTKN2 = dlib_format.floats_from_ints(leaf_ints_LTKV[..., 0::2],
                                                 leaf_ints_LTKV[..., 1::2]).astype(np.float32)
@@ -156,8 +158,9 @@ def _to_pixels(offset, scale, u):
     """``offset + floor(scale * u + 0.5)`` exactly as dlib computes it in double precision, in
     int32 arithmetic: a box-normalised float32 coordinate -> a pixel index.
 
-    Float32 rounds ``scale * u`` and moves a read across a pixel boundary about once a face;
-    the cascade is chaotic (another pixel, another leaf), so every read must match. With
+    Float32 rounds ``scale * u`` and now and then moves a read across a pixel boundary (one of
+    22 driving-video faces); the cascade is chaotic (another pixel, another leaf), so every
+    read must match. With
     ``u = m * 2**-shift`` (m a 24-bit integer, split into 12-bit halves ``hi * 4096 + lo``)
     every product below fits in int32. Exact for integer ``scale`` < 4096 and |u| < 2**11.
     """
@@ -276,7 +279,10 @@ def _level(params, grey_BHW, rects_B4, level, shape_BN2):
 
 
 @functools.partial(jax.jit, static_argnames="depth")
-def _cascade(arrays, grey_BHW, rects_B4, depth):
+def cascade(arrays, grey_BHW, rects_B4, depth):
+    """On the device: (B, N, 2) box-normalised shapes of the faces in dlib rectangles
+    (``dlib_rectangles``) of int32 grey images (``grey``); ``arrays`` from ``device_arrays``,
+    ``depth`` the trees' (``ShapePredictor.depth``). Map them with ``to_image``."""
     params = dict(arrays, depth=depth)
     shape_BN2 = jnp.broadcast_to(arrays["initial_N2"], (grey_BHW.shape[0], *arrays["initial_N2"].shape))
     shape_BN2 = jax.lax.fori_loop(
@@ -310,8 +316,8 @@ def landmarks_batch(images, boxes_B4, predictor=None, subpixel=False):
     rects_B4 = dlib_rectangles(boxes_B4)
     if len(rects_B4) != len(images):
         raise SafeTriageError(f"{len(images)} images but {len(rects_B4)} boxes; give one box per image.")
-    shape_BN2 = _cascade(device_arrays(predictor), grey(jnp.asarray(images)),
-                         jnp.asarray(rects_B4), predictor.depth)
+    shape_BN2 = cascade(device_arrays(predictor), grey(jnp.asarray(images)),
+                        jnp.asarray(rects_B4), predictor.depth)
     return to_image(np.asarray(shape_BN2), rects_B4, subpixel)
 
 
@@ -325,6 +331,7 @@ def to_image(shape_BN2, rects_B4, subpixel=False):
 
 
 def _stack(images):
+    """One (B, H, W[, 3]) array: a list of images zero-padded at the bottom and right."""
     if isinstance(images, np.ndarray):
         return images
     height = max(image.shape[0] for image in images)
