@@ -9,7 +9,7 @@ The encoding, learnt from dlib's C++ source:
 - std::vector: its length (integer), then its items.
 - matrix: rows and columns (both negated in the current format), then the values row by row.
 
-``f`` is a binary file object. Files made of nothing but integers and floats (the shape
+``f`` is a seekable binary file object. Files made of nothing but integers and floats (the shape
 predictor, ~33 million integers) are read in seconds with :func:`read_ints`, which decodes a
 whole run of integers with numpy.
 """
@@ -61,6 +61,7 @@ def read_float(f):
 
 
 def read_str(f):
+    """A std::string (UTF-8)."""
     size = read_int(f)
     data = f.read(size) if size >= 0 else b""
     if len(data) != size:
@@ -69,6 +70,7 @@ def read_str(f):
 
 
 def read_bool(f):
+    """A bool ('1' or '0')."""
     byte = f.read(1)
     if byte not in (b"0", b"1"):
         raise _corrupt(f, f"bad bool {byte!r}")
