@@ -21,7 +21,8 @@ def driving_track():
 
 def _mouth_opening(landmarks_T68x2):
     """Inner-lip gap over the landmarks' height."""
-    gap_T = (landmarks_T68x2[:, INNER_LIPS_BOTTOM, 1] - landmarks_T68x2[:, INNER_LIPS_TOP, 1]).mean(1)
+    lips_T = landmarks_T68x2[:, INNER_LIPS_BOTTOM, 1] - landmarks_T68x2[:, INNER_LIPS_TOP, 1]
+    gap_T = lips_T.mean(1)
     return gap_T / np.ptp(landmarks_T68x2[..., 1], axis=1)
 
 

@@ -45,7 +45,8 @@ class FramingOptions:
 # Allowed ranges: a smaller crop cannot hold the face and its surroundings, a wider feather
 # leaves no opaque middle, and a negative margin would accept a partly covered face.
 RANGES = (("scale", 1.2, 5.0), ("raise_by", -0.5, 0.5), ("smooth_seconds", 0.0, 2.0),
-          ("hold_seconds", 0.0, 5.0), ("max_gap_seconds", 0.0, 5.0), ("feather", 0.01, 0.4), ("cover_margin", 0.0, 1.0))
+          ("hold_seconds", 0.0, 5.0), ("max_gap_seconds", 0.0, 5.0), ("feather", 0.01, 0.4),
+          ("cover_margin", 0.0, 1.0))
 
 
 @dataclasses.dataclass

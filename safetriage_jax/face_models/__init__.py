@@ -1,1 +1,1 @@
-"""dlib's face models (detector, 68-point landmarks, embedding) read from their files and run in JAX."""
+"""dlib's face models (detector, 68-point landmarks, embedding) read from their files, in JAX."""

@@ -86,7 +86,8 @@ def read_float_matrix(f):
     """A dlib matrix of floats or doubles as a (rows, columns) float32 array."""
     rows, columns = abs(read_int(f)), abs(read_int(f))
     pairs_N2 = read_ints(f, 2 * rows * columns).reshape(-1, 2)
-    return floats_from_ints(pairs_N2[:, 0], pairs_N2[:, 1]).astype(np.float32).reshape(rows, columns)
+    values_N = floats_from_ints(pairs_N2[:, 0], pairs_N2[:, 1]).astype(np.float32)
+    return values_N.reshape(rows, columns)
 
 
 def read_ints(f, count=None):

@@ -266,7 +266,8 @@ def _level(params, grey_BHW, rects_B4, level, shape_BN2):
         pair_BT2 = splits_TS2.reshape(-1, 2)[flat_BT]
         compared_BT2 = jnp.take_along_axis(pixels_BP, pair_BT2.reshape(batch, -1), 1).reshape(
             pair_BT2.shape)
-        go_left_BT = compared_BT2[..., 0] - compared_BT2[..., 1] > thresholds_TS.reshape(-1)[flat_BT]
+        threshold_BT = thresholds_TS.reshape(-1)[flat_BT]
+        go_left_BT = compared_BT2[..., 0] - compared_BT2[..., 1] > threshold_BT
         node_BT = 2 * node_BT + jnp.where(go_left_BT, 1, 2)
     leaves_TKN2 = params["leaves_LTKN2"][level]
     num_leaves = leaves_TKN2.shape[1]
@@ -284,7 +285,8 @@ def cascade(arrays, grey_BHW, rects_B4, depth):
     (``dlib_rectangles``) of int32 grey images (``grey``); ``arrays`` from ``device_arrays``,
     ``depth`` the trees' (``ShapePredictor.depth``). Map them with ``to_image``."""
     params = dict(arrays, depth=depth)
-    shape_BN2 = jnp.broadcast_to(arrays["initial_N2"], (grey_BHW.shape[0], *arrays["initial_N2"].shape))
+    initial_N2 = arrays["initial_N2"]
+    shape_BN2 = jnp.broadcast_to(initial_N2, (grey_BHW.shape[0], *initial_N2.shape))
     shape_BN2 = jax.lax.fori_loop(
         0, arrays["anchors_LP"].shape[0],
         lambda level, shape: _level(params, grey_BHW, rects_B4, level, shape), shape_BN2)
@@ -315,7 +317,8 @@ def landmarks_batch(images, boxes_B4, predictor=None, subpixel=False):
     images = _stack(images)
     rects_B4 = dlib_rectangles(boxes_B4)
     if len(rects_B4) != len(images):
-        raise SafeTriageError(f"{len(images)} images but {len(rects_B4)} boxes; give one box per image.")
+        raise SafeTriageError(f"{len(images)} images but {len(rects_B4)} boxes; give one box per "
+                              "image.")
     shape_BN2 = cascade(device_arrays(predictor), grey(jnp.asarray(images)),
                         jnp.asarray(rects_B4), predictor.depth)
     return to_image(np.asarray(shape_BN2), rects_B4, subpixel)
