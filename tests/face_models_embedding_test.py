@@ -11,6 +11,7 @@ from PIL import Image
 
 from conftest import SAMPLES
 from safetriage_jax.deid.faces import SAME_PERSON_DISTANCE, _models_dir, face_models, find_faces
+from safetriage_jax.errors import SafeTriageError
 from safetriage_jax.face_models import dlib_dnn, face_chip, face_embedding
 from safetriage_jax.face_models.dlib_format import (read_bool, read_float, read_float_matrix,
                                                     read_int, read_str, read_vector)
@@ -64,9 +65,9 @@ def test_reads_dlib_serialization_primitives():
     assert (read_bool(stream), read_bool(stream)) == (True, False)
     np.testing.assert_array_equal(read_float_matrix(stream), [[1.0], [1.5]])
     assert read_vector(stream, read_int) == [7, 9]
-    with pytest.raises(ValueError, match="ended early"):
+    with pytest.raises(SafeTriageError, match="ends inside"):
         read_int(io.BytesIO(b"\x02\x01"))
-    with pytest.raises(ValueError, match="bool"):
+    with pytest.raises(SafeTriageError, match="bool"):
         read_bool(io.BytesIO(b"x"))
 
 
@@ -120,7 +121,7 @@ def test_folds_batch_norm_records_like_dlib(rng):
     record = dlib_dnn.read_con(io.BytesIO(con))
     np.testing.assert_array_equal(record["weight_OIHW"], weight)
     np.testing.assert_array_equal(record["bias"], np.zeros(2))
-    with pytest.raises(ValueError, match="fused relu"):
+    with pytest.raises(SafeTriageError, match="fused relu"):
         dlib_dnn.read_con(io.BytesIO(con[:-1] + b"1"))
 
 
@@ -134,7 +135,7 @@ def test_parses_the_model_into_the_flax_module():
     np.testing.assert_allclose(params["input"]["mean_rgb"], face_embedding.DLIB_MEAN_RGB,
                                rtol=1e-6)
     with open(_models_dir() / "shape_predictor_5_face_landmarks.dat", "rb") as f:
-        with pytest.raises(ValueError):  # another kind of file
+        with pytest.raises(SafeTriageError):  # another kind of file
             dlib_dnn.read_network(f, ["con"], dlib_dnn.read_input_rgb_image_sized,
                                   dlib_dnn.read_loss_metric)
 

@@ -1,5 +1,5 @@
-"""Where to crop each frame: a square around the tracked face, smoothed over time, and the
-feathered paste of the generated face back into the frame.
+"""Where to crop each frame: a square around the tracked face, sized from its 68 landmarks and
+smoothed over time, and the feathered paste of the generated face back into the frame.
 
 Per-frame status: FACE (detected), FILLED (a short detection gap, box interpolated between the
 detections around it) or BLANK (no face nearby in time: the output frame is black).
@@ -8,19 +8,28 @@ detections around it) or BLANK (no face nearby in time: the output frame is blac
 import dataclasses
 
 import numpy as np
-from scipy.ndimage import gaussian_filter1d
+from scipy.ndimage import gaussian_filter1d, maximum_filter1d
 
 from safetriage_jax.deid.faces import box_area, resize
 from safetriage_jax.errors import SafeTriageError
 
 BLANK, FACE, FILLED = 0, 1, 2
 
+# The face box from the landmarks: jaw to jaw wide; brow to chin high plus a forehead of
+# FOREHEAD brow-to-nose-base lengths (a face's upper third); its side is the larger of the two
+# times FACE_SIDE_PER_EXTENT, which makes it as large as dlib's detector box on the shared
+# driving video (median of 169 frames), so the crop scale keeps its meaning.
+FOREHEAD = 0.5
+FACE_SIDE_PER_EXTENT = 0.85
+BROWS, NOSE_BASE = slice(17, 27), 33
+
 
 @dataclasses.dataclass(frozen=True)
 class FramingOptions:
     scale: float = 1.8  # crop side / face box side (VoxCeleb-like: hair, chin and some neck)
-    raise_by: float = 0.1  # crop centre above the box centre, in box sides (dlib boxes omit the forehead)
+    raise_by: float = 0.1  # crop centre above the face box centre, in box sides (hair over chin)
     smooth_seconds: float = 0.1  # Gaussian sigma of the crop path (removes detector jitter)
+    hold_seconds: float = 0.5  # the crop side is the largest face side this long either side
     max_gap_seconds: float = 0.2  # detection gaps up to this long are interpolated, longer ones blanked
     feather: float = 0.1  # width of the paste-back blend, as a fraction of the crop side
     cover_margin: float = 0.1  # paste-back must cover the 68-point outline grown by this share
@@ -36,7 +45,8 @@ class FramingOptions:
 # Allowed ranges: a smaller crop cannot hold the face and its surroundings, a wider feather
 # leaves no opaque middle, and a negative margin would accept a partly covered face.
 RANGES = (("scale", 1.2, 5.0), ("raise_by", -0.5, 0.5), ("smooth_seconds", 0.0, 2.0),
-          ("max_gap_seconds", 0.0, 5.0), ("feather", 0.01, 0.4), ("cover_margin", 0.0, 1.0))
+          ("hold_seconds", 0.0, 5.0), ("max_gap_seconds", 0.0, 5.0), ("feather", 0.01, 0.4),
+          ("cover_margin", 0.0, 1.0))
 
 
 @dataclasses.dataclass
@@ -56,8 +66,25 @@ def runs(mask_T):
     return list(zip(edges[::2], edges[1::2]))
 
 
+def face_boxes(landmarks_T68x2):
+    """Square face boxes [x0, y0, x1, y1] from 68-point landmarks (NaN rows where missing).
+
+    Centred on the landmarks' extent (jaw to jaw, brow to chin), so an opening mouth keeps the
+    chin inside; sized by the extent plus a forehead (see FOREHEAD), both axes.
+    """
+    low_T2, high_T2 = landmarks_T68x2.min(1), landmarks_T68x2.max(1)
+    brows_T = landmarks_T68x2[:, BROWS, 1]
+    forehead_T = FOREHEAD * (landmarks_T68x2[:, NOSE_BASE, 1] - brows_T.mean(1))
+    extent_T = np.maximum(high_T2[:, 0] - low_T2[:, 0], high_T2[:, 1] - low_T2[:, 1] + forehead_T)
+    half_T = FACE_SIDE_PER_EXTENT * extent_T / 2
+    center_T2 = (low_T2 + high_T2) / 2
+    return np.concatenate([center_T2 - half_T[:, None], center_T2 + half_T[:, None]], -1)
+
+
 def plan_crops(boxes_T4, fps, options=FramingOptions()):
-    """Crop squares for a track's boxes (NaN where the face was not found)."""
+    """Crop squares for a track's face boxes (NaN where the face was not found): their sides
+    held at the largest within ``hold_seconds`` (a face that opens its mouth does not zoom the
+    crop), then centres and sides smoothed."""
     found_T = ~np.isnan(boxes_T4[:, 0])
     side_T = np.sqrt(box_area(np.nan_to_num(boxes_T4)))
     center_T2 = (boxes_T4[:, :2] + boxes_T4[:, 2:]) / 2
@@ -69,12 +96,15 @@ def plan_crops(boxes_T4, fps, options=FramingOptions()):
         if start > 0 and stop < len(found_T) and stop - start <= max_gap:
             status_T[start:stop] = FILLED
     keep = status_T != BLANK
+    hold = 2 * int(round(options.hold_seconds * fps)) + 1
     for column in (center_T2[:, 0], center_T2[:, 1], side_T):
         column[~found_T] = np.nan
         for start, stop in runs(keep):  # smooth each stretch on its own: never across a blank
             values = column[start:stop]
             known = ~np.isnan(values)
             values = np.interp(times[start:stop], times[start:stop][known], values[known])
+            if column is side_T:
+                values = maximum_filter1d(values, hold, mode="nearest")
             sigma = options.smooth_seconds * fps
             column[start:stop] = gaussian_filter1d(values, sigma, mode="nearest") if sigma > 0 else values
         column[~keep] = np.nan

@@ -19,8 +19,8 @@ from safetriage_jax.animate import MODES, Animator, check_batch_size
 from safetriage_jax.checkpoint import load_model, load_prompt
 from safetriage_jax.deid import landmarks
 from safetriage_jax.deid.faces import DETECTORS, FaceTracker, crop_square, face_models, find_faces
-from safetriage_jax.deid.framing import (BLANK, FramingOptions, paste, plan_crops, runs,
-                                        uncovered_frames)
+from safetriage_jax.deid.framing import (BLANK, FramingOptions, face_boxes, paste, plan_crops,
+                                        runs, uncovered_frames)
 from safetriage_jax.errors import SafeTriageError
 from safetriage_jax.video import VideoReader, is_video, read_image, video_writer
 
@@ -57,11 +57,12 @@ def identity_face(path, size, framing, models):
         raise SafeTriageError(f"No face found in the identity image {path}; use a frontal "
                               "portrait with the face at least 40 px across.")
     notes = [f"The identity image shows {len(boxes)} faces; the largest is used."] if len(boxes) > 1 else []
-    box = boxes[0]
-    side = np.sqrt((box[2] - box[0]) * (box[3] - box[1]))
+    marks = models.landmarks(image, boxes[0])
+    box = face_boxes(marks[None])[0]
+    side = box[2] - box[0]
     center = np.array([(box[0] + box[2]) / 2, (box[1] + box[3]) / 2 - framing.raise_by * side])
     crop, _ = crop_square(image, center, side * framing.scale, size)
-    return crop, models.landmarks(image, box), notes
+    return crop, marks, notes
 
 
 def choose_reference(track, plan, how, identity_landmarks_68x2):
@@ -170,7 +171,7 @@ def deidentify(input_path, identity_path, out_path, model_dir, *, options=DeidOp
             "roughly frontal, unoccluded and at least 40 px across; nothing was written.")
     notes += track.notes
     track_done = time.perf_counter()
-    plan = plan_crops(track.boxes_T4, fps, options.framing)
+    plan = plan_crops(face_boxes(track.landmarks_T68x2), fps, options.framing)
     uncovered_T = np.zeros(track.num_frames, bool)
     if options.paste_back:  # never write a frame where part of the original face would show
         uncovered_T = uncovered_frames(plan, track.landmarks_T68x2, options.framing)

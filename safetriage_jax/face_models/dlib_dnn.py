@@ -10,6 +10,7 @@ as numpy arrays in dlib's layouts (filters (out, in, rows, cols), fc weights (in
 
 import numpy as np
 
+from safetriage_jax.errors import SafeTriageError
 from safetriage_jax.face_models.dlib_format import (read_bool, read_float, read_int, read_str)
 
 STRUCTURAL = ("tag1", "tag2", "skip1")  # layers that only route tensors and write no record
@@ -19,12 +20,12 @@ def read_tensor(f) -> np.ndarray:
     """A resizable_tensor: version 2, (samples, k, rows, cols), then little-endian float32s."""
     version = read_int(f)
     if version != 2:
-        raise ValueError(f"unknown dlib tensor version {version}")
+        raise SafeTriageError(f"unknown dlib tensor version {version}")
     shape = tuple(read_int(f) for _ in range(4))
     count = int(np.prod(shape))
     data = f.read(4 * count)
     if len(data) != 4 * count:
-        raise ValueError("dlib stream ended inside a tensor")
+        raise SafeTriageError("dlib stream ended inside a tensor")
     return np.frombuffer(data, "<f4").reshape(shape).astype(np.float32)
 
 
@@ -32,13 +33,13 @@ def read_alias_tensor(f) -> tuple:
     """An alias_tensor: version 1 and a (samples, k, rows, cols) shape; no data."""
     version = read_int(f)
     if version != 1:
-        raise ValueError(f"unknown dlib alias_tensor version {version}")
+        raise SafeTriageError(f"unknown dlib alias_tensor version {version}")
     return tuple(read_int(f) for _ in range(4))
 
 
 def _expect(name, allowed):
     if name not in allowed:
-        raise ValueError(f"unexpected dlib layer record {name!r}; expected one of {allowed}")
+        raise SafeTriageError(f"unexpected dlib layer record {name!r}; expected one of {allowed}")
 
 
 def read_con(f):
@@ -53,9 +54,9 @@ def read_con(f):
         read_float(f)
     use_bias = read_bool(f) if name in ("con_5", "con_6") else True
     if name == "con_6" and read_bool(f):  # use_relu: set when dlib fuses a following relu
-        raise ValueError("con_ records with a fused relu are not supported")
+        raise SafeTriageError("con_ records with a fused relu are not supported")
     if filters_shape[0] != num_filters or filters_shape[2:] != (rows, cols):
-        raise ValueError(f"con_ record: filters {filters_shape} for {num_filters} filters of "
+        raise SafeTriageError(f"con_ record: filters {filters_shape} for {num_filters} filters of "
                          f"{rows}x{cols}")
     weight = params[:int(np.prod(filters_shape))].reshape(filters_shape)
     bias = params[weight.size:weight.size + num_filters] if use_bias else np.zeros(num_filters,
@@ -92,7 +93,7 @@ def read_relu(f):
     name = read_str(f)
     _expect(name, ("relu_", "relu_2"))
     if name == "relu_2" and read_bool(f):
-        raise ValueError("disabled relu layers are not supported")
+        raise SafeTriageError("disabled relu layers are not supported")
     return {"kind": "relu"}
 
 
@@ -169,16 +170,16 @@ def read_network(f, kinds_bottom_up, read_input, read_loss):
     Returns (loss record, input record, [layer record or {"kind": tag/skip name}] bottom up).
     """
     if read_int(f) != 1:
-        raise ValueError("not a dlib add_loss_layer (version 1 expected)")
+        raise SafeTriageError("not a dlib add_loss_layer (version 1 expected)")
     loss = read_loss(f)
     versions = [read_int(f) for _ in kinds_bottom_up][::-1]  # written top down
     for kind, version in zip(kinds_bottom_up[1:], versions[1:]):
         expected = 1 if kind in STRUCTURAL else 2
         if version != expected:
-            raise ValueError(f"layer {kind}: version {version}, expected {expected}; the file "
+            raise SafeTriageError(f"layer {kind}: version {version}, expected {expected}; the file "
                              "does not hold the expected network")
     if versions[0] not in (2, 3):
-        raise ValueError(f"bottom layer version {versions[0]}, expected 2 or 3")
+        raise SafeTriageError(f"bottom layer version {versions[0]}, expected 2 or 3")
     inputs = read_input(f)
     layers = []
     for index, kind in enumerate(kinds_bottom_up):
@@ -189,5 +190,5 @@ def read_network(f, kinds_bottom_up, read_input, read_loss):
         _skip_add_layer_state(f, bottom=index == 0 and versions[0] == 3)
         layers.append(record)
     if f.read(1):
-        raise ValueError("trailing data after the network: the file holds another network")
+        raise SafeTriageError("trailing data after the network: the file holds another network")
     return loss, inputs, layers

@@ -20,6 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from safetriage_jax.deid.faces import _models_dir
+from safetriage_jax.errors import SafeTriageError
 from safetriage_jax.face_models import dlib_dnn
 from safetriage_jax.face_models.face_chip import CHIP_PADDING, CHIP_SIZE, extract_chips
 
@@ -64,12 +65,12 @@ def read_params(path):
             f, [kind for kind, _, _ in layers], dlib_dnn.read_input_rgb_image_sized,
             dlib_dnn.read_loss_metric)
     if inputs["size"] != (CHIP_SIZE, CHIP_SIZE):
-        raise ValueError(f"{path}: input size {inputs['size']}, expected {CHIP_SIZE}")
+        raise SafeTriageError(f"{path}: input size {inputs['size']}, expected {CHIP_SIZE}")
     params = {"input": {"mean_rgb": inputs["mean_rgb"]}}
     for index, ((kind, where, expected), record) in enumerate(zip(layers, records)):
         for field, value in expected.items():
             if record[field] != value:
-                raise ValueError(f"{path}: layer {index} ({kind}) has {field} "
+                raise SafeTriageError(f"{path}: layer {index} ({kind}) has {field} "
                                  f"{record[field]}, dlib's face network has {value}")
         if where is None:
             continue
@@ -83,7 +84,7 @@ def read_params(path):
             node[where[-1]] = {"scale": record["scale"], "shift": record["shift"]}
         else:
             if record["bias"] is not None:
-                raise ValueError(f"{path}: the last layer has a bias; dlib's face network has none")
+                raise SafeTriageError(f"{path}: the last layer has a bias; dlib's face network has none")
             node[where[-1]] = {"kernel": record["weight_IO"]}
     return params
 
