@@ -12,14 +12,13 @@ import dataclasses
 
 import ml_collections
 
-from safetriage_jax.models.config import apply_overrides, split_config_arg
+from safetriage_jax.config_loader import apply_overrides, split_config_arg
 from safetriage_jax.models.prompt import PromptConfig
 
 
 def base_config() -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
     c.backbone = "models/vox"  # the frozen TPSMM model directory
-    c.model = dict(warp_implementation=None)  # grid-sample backend for the backbone's warps
     c.prompt = dataclasses.asdict(PromptConfig())
     c.data = dict(
         clip_frames=24,               # motion drawn per example; two frames of it are used
@@ -37,6 +36,7 @@ def base_config() -> ml_collections.ConfigDict:
         scales=(1.0, 0.5, 0.25, 0.125),
         loss_weights=dict(perceptual=(10.0,) * 5, l1=10.0, keypoints=10.0, denoising=1.0),
         perceptual_weights="~/.cache/torch/hub/checkpoints/vgg19-dcbb9e9d.pth",  # or "random"
+        warp_implementation=None,     # grid-sample backend of the backbone's warps
         seed=0,
     )
     c.log = dict(every_steps=50, sample_every_steps=1000, checkpoint_every_steps=1000,

@@ -9,7 +9,8 @@ import dataclasses
 
 import ml_collections
 
-from safetriage_jax.models.config import PRESETS, TPSMMConfig, apply_overrides, split_config_arg
+from safetriage_jax.config_loader import apply_overrides, split_config_arg
+from safetriage_jax.models.config import PRESETS, TPSMMConfig
 
 VARIANTS = dict(
     PRESETS,

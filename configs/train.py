@@ -12,7 +12,8 @@ import dataclasses
 
 import ml_collections
 
-from safetriage_jax.models.config import PRESETS, TPSMMConfig, apply_overrides, split_config_arg
+from safetriage_jax.config_loader import apply_overrides, split_config_arg
+from safetriage_jax.models.config import PRESETS, TPSMMConfig
 
 
 def base_config() -> ml_collections.ConfigDict:
@@ -52,6 +53,7 @@ def base_config() -> ml_collections.ConfigDict:
         perceptual_weights="~/.cache/torch/hub/checkpoints/vgg19-dcbb9e9d.pth",  # or "random"
         precision="float32",          # "float32" | "bfloat16" (mixed: float32 master weights)
         remat="none",                 # "none" | "conv_outputs" | "blocks" (models/policy.py)
+        warp_implementation=None,     # grid-sample backend of every warp (None: the default)
         micro_batches=1,              # > 1: gradient accumulated over that many batch slices
         seed=0,
     )

@@ -20,8 +20,8 @@ import time
 import jax
 
 from safetriage_jax.animate import animate_video
-from safetriage_jax.checkpoint import save_model
 from safetriage_jax.deid.pipeline import DeidOptions, deidentify
+from safetriage_jax.model_dir import save_model
 from safetriage_jax.models.config import load_model_config
 from safetriage_jax.models.tpsmm import init_variables
 from safetriage_jax.video import copy_first_frames

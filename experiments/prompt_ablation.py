@@ -22,11 +22,11 @@ import jax.numpy as jnp
 import numpy as np
 from PIL import Image
 
-from safetriage_jax.checkpoint import load_model, load_prompt
 from safetriage_jax.data import synthetic_faces
 from safetriage_jax.data.simulated_patients import PatientOptions, SimulatedPatients, TEST_SEED_OFFSET
 from safetriage_jax.deid.evaluation import evaluate_deid
 from safetriage_jax.deid.pipeline import DeidOptions, deidentify
+from safetriage_jax.model_dir import load_model, load_prompt
 from safetriage_jax.models.tpsmm import TPSMM
 from safetriage_jax.train.prompt import prompt_both, transfer
 from safetriage_jax.video import copy_first_frames, video_writer

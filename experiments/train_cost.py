@@ -20,7 +20,7 @@ import time
 
 import jax
 
-from safetriage_jax.models.config import load_python_config
+from safetriage_jax.config_loader import load_python_config
 from safetriage_jax.train import cost, step
 
 GIB = 1024 ** 3

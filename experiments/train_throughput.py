@@ -19,9 +19,9 @@ import time
 import jax
 import numpy as np
 
-from safetriage_jax.models.config import load_python_config
+from safetriage_jax.config_loader import load_python_config
 from safetriage_jax.train import cost
-from safetriage_jax.train.loop import Trainer
+from safetriage_jax.train.backbone import Trainer
 
 GIB = 1024 ** 3
 

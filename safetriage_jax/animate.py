@@ -14,8 +14,8 @@ from scipy.spatial import ConvexHull
 from tqdm.auto import tqdm
 
 from safetriage_jax import outputs
-from safetriage_jax.checkpoint import load_model
 from safetriage_jax.errors import SafeTriageError
+from safetriage_jax.model_dir import load_model
 from safetriage_jax.models import prompt as prompt_lib
 from safetriage_jax.models.policy import Policy
 from safetriage_jax.models.tpsmm import TPSMM
@@ -57,10 +57,12 @@ class Animator:
 
     With ``prompt=(PromptConfig, params)`` every driving frame, the reference (first) frame
     included, gets its generated prompt before the backbone reads its keypoints. ``precision``
-    is the networks' compute dtype (``models.policy``); the output frames are uint8 either way.
+    is the networks' compute dtype and ``warp_implementation`` their warp backend
+    (``models.policy``); the output frames are uint8 either way.
     """
 
-    def __init__(self, config, variables, mode="relative", prompt=None, precision="float32"):
+    def __init__(self, config, variables, mode="relative", prompt=None, precision="float32",
+                 warp_implementation=None):
         if mode not in MODES:
             raise SafeTriageError(f"Unknown mode {mode!r}; choose one of {', '.join(MODES)}.")
         if mode == "avd" and "avd_network" not in variables["params"]:
@@ -68,7 +70,7 @@ class Animator:
                                   "standard mode.")
         self.config, self.variables, self.mode = config, variables, mode
         self.prompt_config, self.prompt_params = prompt if prompt is not None else (None, None)
-        self.model = TPSMM(config, Policy(precision))
+        self.model = TPSMM(config, Policy(precision, warp_implementation=warp_implementation))
         self._prepare = jax.jit(self._prepare_impl)
         self._keypoints = jax.jit(self._keypoints_impl)
         self._reference = jax.jit(self._reference_impl)
@@ -159,8 +161,9 @@ def animate_video(model_dir, source_path, driving_path, out_path, *, mode="relat
     check_batch_size(batch_size)
     inputs = (model_dir, source_path, driving_path)
     outputs.check_output(out_path, inputs=inputs, overwrite=overwrite, recognise=is_video)
-    config, variables = load_model(model_dir, warp_implementation=warp_implementation)
-    animator = Animator(config, variables, mode, precision=precision)
+    config, variables = load_model(model_dir)
+    animator = Animator(config, variables, mode, precision=precision,
+                        warp_implementation=warp_implementation)
     source = read_image(source_path)
     size = config.image_size
     with VideoReader(driving_path) as reader:

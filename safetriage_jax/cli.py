@@ -69,7 +69,7 @@ def cmd_port_weights(args):
 
 
 def cmd_export_weights(args):
-    from safetriage_jax.checkpoint import load_model
+    from safetriage_jax.model_dir import load_model
     from safetriage_jax.outputs import check_output
     from safetriage_jax.porting import export_checkpoint
     check_output(args.out, inputs=(args.checkpoint,), overwrite=args.overwrite)
@@ -116,7 +116,7 @@ def _run_training(args, train_fn, what, result, hint=""):
     """Shared by `train` and `train-prompt`: multi-host set-up, a persistent compilation cache,
     the config, the run, and a one-line result."""
     import jax
-    from safetriage_jax.models.config import load_python_config
+    from safetriage_jax.config_loader import load_python_config
     from safetriage_jax.train import distributed
     distributed.initialize(distributed.launch_settings(
         args.coordinator_address, args.num_processes, args.process_id), auto=args.distributed)
@@ -133,7 +133,7 @@ def _run_training(args, train_fn, what, result, hint=""):
 
 
 def cmd_train(args):
-    from safetriage_jax.train.loop import train
+    from safetriage_jax.train.backbone import train
     _run_training(args, train, "the backbone", "model")
 
 
@@ -146,7 +146,7 @@ def cmd_train_prompt(args):
 def cmd_evaluate(args):
     import json
     from safetriage_jax import outputs
-    from safetriage_jax.models.config import load_python_config
+    from safetriage_jax.config_loader import load_python_config
     from safetriage_jax.train.evaluate import evaluate_model_directory
     if args.out:
         outputs.check_output(args.out, inputs=(args.model,), overwrite=args.overwrite)

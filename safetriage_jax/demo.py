@@ -30,7 +30,7 @@ def run_demo(shared, out_dir, *, mode="relative", batch_size=16, precision="floa
     """Writes out_dir/model (kept between runs), animation.mp4, deid.mp4 and report/;
     ``log(line)`` reports each step."""
     from safetriage_jax.animate import animate_video
-    from safetriage_jax.checkpoint import is_model_directory, save_model
+    from safetriage_jax.model_dir import is_model_directory, save_model
     from safetriage_jax.deid.evaluation import evaluate_deid
     from safetriage_jax.deid.pipeline import DeidOptions, check_outputs, deidentify
     from safetriage_jax.models.config import from_upstream_yaml

@@ -13,6 +13,7 @@ import numpy as np
 
 from safetriage_jax import outputs
 from safetriage_jax.errors import SafeTriageError
+from safetriage_jax.models.policy import Policy
 from safetriage_jax.models.tpsmm import TPSMM
 
 
@@ -20,14 +21,14 @@ def _nchw(x_BHWC):
     return jnp.transpose(x_BHWC, (0, 3, 1, 2))
 
 
-def parity_outputs(config, variables, source_NCHW, driving_NCHW):
+def parity_outputs(config, variables, source_NCHW, driving_NCHW, warp_implementation=None):
     """{name: float32 numpy array} for source/driving frames in [0, 1] (NCHW), eval mode.
 
     Names: kp_source, kp_driving, bg_param (if the model has bg), and for tag 'nobg' (no
     background motion) and 'bg' (with it) {tag}_deformation, {tag}_contribution_maps,
     {tag}_occlusion_{i}, {tag}_prediction, {tag}_deformed; avd_kp when AVD weights exist.
     """
-    model = TPSMM(config)
+    model = TPSMM(config, Policy(warp_implementation=warp_implementation))
     has_avd = "avd_network" in variables["params"]
 
     def run(variables, source_NCHW, driving_NCHW):

@@ -179,7 +179,7 @@ def flax_to_torch(variables):
 
 def port_checkpoint(checkpoint_path, config: TPSMMConfig):
     """Upstream ``.pth.tar`` -> Flax variables for ``config``; NaN or infinite weights rejected."""
-    from safetriage_jax.checkpoint import check_finite
+    from safetriage_jax.model_dir import check_finite
     variables = torch_to_flax(load_torch_checkpoint(checkpoint_path), config)
     check_finite(variables, f"The weights in {checkpoint_path}")
     return variables
@@ -224,7 +224,7 @@ def load_weights(checkpoint, config_spec=None, image_size=None):
     ``image_size`` sets the resolution the model runs at."""
     import dataclasses
 
-    from safetriage_jax import checkpoint as ckpt
+    from safetriage_jax import model_dir as ckpt
     from safetriage_jax.models.config import load_model_config
     path = pathlib.Path(checkpoint)
     if path.is_dir():
@@ -244,7 +244,7 @@ def port_to_directory(checkpoint_path, config: TPSMMConfig, out_dir, *, safetens
                       overwrite=False, inputs=()):
     """Ports an upstream checkpoint into a model directory; the output is checked first (never
     an input or a folder holding one; replaced only if it is a model directory)."""
-    from safetriage_jax import checkpoint as ckpt
+    from safetriage_jax import model_dir as ckpt
     inputs = (checkpoint_path, *inputs)
     outputs.check_output(out_dir, folder=True, inputs=inputs, overwrite=overwrite,
                          recognise=ckpt.is_model_directory)

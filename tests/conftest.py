@@ -39,7 +39,7 @@ def fixture_variables(fixture_config):
 
 @pytest.fixture(scope="session")
 def fixture_model_dir(tmp_path_factory, fixture_config, fixture_variables):
-    from safetriage_jax.checkpoint import save_model
+    from safetriage_jax.model_dir import save_model
     return save_model(tmp_path_factory.mktemp("model") / "small", fixture_config, fixture_variables)
 
 

@@ -131,3 +131,17 @@ def test_worker_processes_give_the_same_stream():
     reference = make(0)
     for got, expected in zip(make(2) + make(2, start=2), reference + reference[2:]):
         np.testing.assert_array_equal(got["driving"], expected["driving"])
+
+
+def test_the_identity_cache_is_written_atomically_and_replaces_only_its_own(tmp_path):
+    clips = numbered_clips(2, 2)
+    assert pipeline.identity_index(clips, tmp_path) == ["p0", "p0", "p1", "p1"]
+    cache = tmp_path / "identities.json"
+    assert cache.read_text() == '["p0", "p0", "p1", "p1"]'
+    assert [p.name for p in tmp_path.iterdir()] == ["identities.json"]  # no staging left
+    clips += numbered_clips(1, 1)  # another dataset: the stale cache is rebuilt
+    assert pipeline.identity_index(clips, tmp_path) == ["p0", "p0", "p1", "p1", "p0"]
+    cache.write_text('{"my": "notes"}')
+    with pytest.raises(SafeTriageError, match="not a file this tool wrote"):
+        pipeline.identity_index(clips, tmp_path)
+    assert cache.read_text() == '{"my": "notes"}'

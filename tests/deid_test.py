@@ -57,7 +57,7 @@ def patient_video(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def tiny_model_dir(tmp_path_factory, tiny_variables):
-    from safetriage_jax.checkpoint import save_model
+    from safetriage_jax.model_dir import save_model
     return save_model(tmp_path_factory.mktemp("model") / "tiny", TINY, tiny_variables)
 
 

@@ -144,7 +144,7 @@ def test_two_processes_train_like_one_with_two_devices_across_a_kill(runs):
 
 
 def test_two_processes_write_checkpoints_samples_and_the_model(runs):
-    from safetriage_jax.checkpoint import load_model
+    from safetriage_jax.model_dir import load_model
     two = runs["two"]
     assert {"2", "4"} <= {p.name for p in (two / "checkpoints").iterdir()}
     assert runs["two_samples"] == ["step_00000002.png", "step_00000004.png"]

@@ -15,7 +15,7 @@ import numpy as np
 from jax.sharding import Mesh
 
 from safetriage_jax.train.checkpoints import TrainCheckpoints
-from safetriage_jax.train.loop import Trainer
+from safetriage_jax.train.backbone import Trainer
 from tests.train_test import tiny_config
 
 

@@ -1,7 +1,6 @@
 """The Pallas Mosaic TPU warp kernels: TPU interpret mode against the reference, lowering for
 TPU v5e and v6e from this CPU machine, and the whole model against its xla warps."""
 
-import dataclasses
 import functools
 
 import jax
@@ -16,6 +15,7 @@ from safetriage_jax.kernels.grid_sample.pallas_mosaic_tpu_common import make_geo
 from safetriage_jax.kernels.grid_sample.reference import source_coordinates
 from safetriage_jax.kernels.grid_sample.specs import Case
 from safetriage_jax.kernels.grid_sample.test_base import GridSampleTestBase, relative_error
+from safetriage_jax.models.policy import Policy
 from safetriage_jax.models.tpsmm import TPSMM
 
 # Tiles far smaller than the defaults, so the tiny cases below span several output tiles and
@@ -125,7 +125,7 @@ def test_tpsmm_with_tpu_warps_equals_xla_warps(rng, tiny_variables):
 
     def outputs(implementation):
         """(Pallas kernels, gathers) in the forward's jaxpr, and its outputs."""
-        model = TPSMM(dataclasses.replace(TINY, warp_implementation=implementation))
+        model = TPSMM(TINY, Policy(warp_implementation=implementation))
         traced = jax.jit(model.apply).trace(tiny_variables, source, driving)
         jaxpr = str(traced.jaxpr)
         counts = jaxpr.count("pallas_call"), jaxpr.count("= gather")

@@ -2,7 +2,6 @@
 interpret-mode atomic-add fix, int32 refusal, CUDA lowering, the model on it (training-loss
 gradient, fixture parity) and the benchmark library."""
 
-import dataclasses
 import functools
 import re
 
@@ -16,6 +15,7 @@ from jax.experimental.pallas import triton as plgpu
 from conftest import TINY
 from safetriage_jax.kernels.grid_sample import api, pallas_triton, pallas_triton_vjp, specs
 from safetriage_jax.kernels.grid_sample.test_base import GridSampleTestBase, relative_error
+from safetriage_jax.models.policy import Policy
 from safetriage_jax.models.tpsmm import TPSMM
 
 
@@ -154,7 +154,7 @@ def test_training_loss_gradient_on_pallas_triton_equals_xla(rng, tiny_variables)
     bg_param = plain.apply(tiny_variables, source, driving, method=TPSMM.background)
 
     def loss_outputs_and_grads(implementation):
-        model = TPSMM(dataclasses.replace(TINY, warp_implementation=implementation))
+        model = TPSMM(TINY, Policy(warp_implementation=implementation))
 
         def loss(warping_params):
             variables = {**tiny_variables, "params": {**params, **warping_params}}
@@ -196,7 +196,7 @@ def test_backbone_parity_on_the_shared_fixture_holds_on_pallas_triton(fixture_co
     from conftest import FIXTURE
     from safetriage_jax.parity import compare, parity_outputs
     expected = np.load(FIXTURE / "expected.npz")
-    config = dataclasses.replace(fixture_config, warp_implementation="pallas_triton")
-    errors = compare(parity_outputs(config, fixture_variables, expected["source"],
-                                    expected["driving"]), expected)
+    errors = compare(parity_outputs(fixture_config, fixture_variables, expected["source"],
+                                    expected["driving"], warp_implementation="pallas_triton"),
+                     expected)
     assert len(errors) >= 20 and max(errors.values()) < 1e-4, errors

@@ -131,14 +131,14 @@ def test_the_training_config_replaces_only_an_earlier_runs(tmp_path):
     """A work directory's config.json is rewritten by every run, but a foreign one is kept."""
     import ml_collections
 
-    from safetriage_jax.train import loop
+    from safetriage_jax.train import trainer
     config = ml_collections.ConfigDict({"train": {"batch_size": 2}})
-    loop._write_config(tmp_path / "run", config)
+    trainer._write_config(tmp_path / "run", config)
     config.train.batch_size = 4
-    loop._write_config(tmp_path / "run", config)  # a resumed or repeated run
+    trainer._write_config(tmp_path / "run", config)  # a resumed or repeated run
     assert '"batch_size": 4' in (tmp_path / "run" / "config.json").read_text()
     (tmp_path / "mine").mkdir()
     (tmp_path / "mine" / "config.json").write_text('{"my": "notes"}')
     with pytest.raises(SafeTriageError, match="not a file this tool wrote"):
-        loop._write_config(tmp_path / "mine", config)
+        trainer._write_config(tmp_path / "mine", config)
     assert (tmp_path / "mine" / "config.json").read_text() == '{"my": "notes"}'

@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from conftest import FIXTURE, TINY
-from safetriage_jax import checkpoint, cli
+from safetriage_jax import cli
+from safetriage_jax import model_dir as model_dirs
 from safetriage_jax.errors import SafeTriageError
 from safetriage_jax.models.tpsmm import variable_shapes
 from safetriage_jax.porting import (export_checkpoint, load_torch_checkpoint, port_checkpoint,
@@ -52,13 +53,13 @@ def test_parity_command_fails_loudly_on_wrong_expectations(tmp_path, capsys):
 
 
 def test_model_directory_round_trip(tmp_path, fixture_config, fixture_variables):
-    model_dir = checkpoint.save_model(tmp_path / "m", fixture_config, fixture_variables,
+    model_dir = model_dirs.save_model(tmp_path / "m", fixture_config, fixture_variables,
                                       safetensors=True)
-    config, variables = checkpoint.load_model(model_dir)
+    config, variables = model_dirs.load_model(model_dir)
     assert config == fixture_config
     assert jax.tree.all(jax.tree.map(np.array_equal, variables, fixture_variables))
-    (model_dir / checkpoint.ORBAX_DIR).rename(tmp_path / "moved")  # safetensors alone suffices
-    _, from_safetensors = checkpoint.load_model(model_dir)
+    (model_dir / model_dirs.ORBAX_DIR).rename(tmp_path / "moved")  # safetensors alone suffices
+    _, from_safetensors = model_dirs.load_model(model_dir)
     assert jax.tree.all(jax.tree.map(np.array_equal, from_safetensors, fixture_variables))
 
 
@@ -119,7 +120,7 @@ def test_port_weights_command_writes_a_loadable_directory(tmp_path, capsys, fixt
     args = ["port-weights", "--checkpoint", str(FIXTURE / "checkpoint.pth.tar"),
             "--config", str(FIXTURE / "config.yaml"), "--out", str(out)]
     assert cli.main(args) == 0
-    _, variables = checkpoint.load_model(out)
+    _, variables = model_dirs.load_model(out)
     assert jax.tree.all(jax.tree.map(np.array_equal, variables, fixture_variables))
     assert cli.main(args) == 2 and "--overwrite" in capsys.readouterr().err
     assert cli.main(args + ["--overwrite"]) == 0

@@ -12,7 +12,7 @@ from safetriage_jax.models.layers import SameBlock
 from safetriage_jax.models.policy import Policy
 from safetriage_jax.models.tpsmm import TPSMM
 from safetriage_jax.models.vgg import VGG19Features, random_vgg19_variables
-from safetriage_jax.train import cost, loop, step
+from safetriage_jax.train import backbone, cost, step
 from conftest import TINY as TINY_MODEL
 
 # The tiny training config of train_test (same networks), two pyramid scales, batch 2.
@@ -64,7 +64,7 @@ def test_bf16_training_tracks_float32(tiny_batches):
     losses = {}
     initial = None
     for precision in ("float32", "bfloat16"):
-        trainer = loop.Trainer(get_config(f"{TINY},train.precision={precision}"), 1000)
+        trainer = backbone.Trainer(get_config(f"{TINY},train.precision={precision}"), 1000)
         initial = initial or jax.device_get(trainer.initial_state())
         state, vgg = jax.device_put(initial, trainer.replicated)
         losses[precision] = []
@@ -180,4 +180,4 @@ def test_a_batch_that_micro_batches_cannot_split_evenly_is_refused():
     config = get_config(TINY)
     config.train.update(batch_size=6, micro_batches=4)  # past the config check, as code may do
     with pytest.raises(SafeTriageError, match="multiple of 4 micro-batches x the device count 1"):
-        loop.Trainer(config, 1000)
+        backbone.Trainer(config, 1000)

@@ -7,11 +7,11 @@ import pytest
 
 from conftest import ROOT, SAMPLES, TINY
 from safetriage_jax import cli
-from safetriage_jax.checkpoint import load_model, load_prompt, save_model
+from safetriage_jax.config_loader import load_python_config
 from safetriage_jax.data.simulated_patients import IMAGE_KEYS, PatientOptions, SimulatedPatients
 from safetriage_jax.errors import SafeTriageError
+from safetriage_jax.model_dir import load_model, load_prompt, save_model
 from safetriage_jax.models import prompt as prompt_lib
-from safetriage_jax.models.config import load_python_config
 
 SMALL = prompt_lib.PromptConfig(resolution=16, widths=(8, 16), num_sample_steps=3)
 prompted = jax.jit(prompt_lib.prompted, static_argnums=1)  # one compile per shape, not per op

@@ -10,11 +10,13 @@ import pytest
 from PIL import Image
 
 from conftest import FIXTURE, ROOT, SAMPLES
-from safetriage_jax import checkpoint, cli
+from safetriage_jax import cli
+from safetriage_jax import model_dir as model_dirs
+from safetriage_jax.config_loader import load_python_config
 from safetriage_jax.deid.evaluation import Analysis, masked
 from safetriage_jax.deid.framing import BLANK, FACE, FILLED, CropPlan, FramingOptions, uncovered_frames
 from safetriage_jax.errors import SafeTriageError
-from safetriage_jax.models.config import load_model_config, load_python_config
+from safetriage_jax.models.config import load_model_config
 from safetriage_jax.parity import read_inputs
 from safetriage_jax.video import VideoReader, read_image
 
@@ -156,7 +158,7 @@ def test_non_finite_weights_are_rejected_when_porting_and_loading(tmp_path, fixt
     with pytest.raises(SafeTriageError, match=rf"{key} holds \d+ NaN"):
         port_checkpoint(tmp_path / "nan.pth.tar", fixture_config)
     with pytest.raises(SafeTriageError, match="NaN or infinite"):
-        checkpoint.save_model(tmp_path / "model", fixture_config, variables)
+        model_dirs.save_model(tmp_path / "model", fixture_config, variables)
     assert not (tmp_path / "model").exists()
 
 

@@ -15,7 +15,7 @@ import pytest
 from configs.train import get_config
 from safetriage_jax import cli
 from safetriage_jax.errors import SafeTriageError
-from safetriage_jax.train import loop
+from safetriage_jax.train import backbone
 from safetriage_jax.train.checkpoints import TrainCheckpoints
 from safetriage_jax.train.evaluate import Evaluator
 
@@ -49,20 +49,21 @@ def trainer(data_dir):
     """One compiled trainer shared by the runs below (same config but for num_steps)."""
     from safetriage_jax.data import pipeline
     config = tiny_config(data_dir)
-    clips, cache_dir = loop.open_dataset(config, "train")
+    clips, cache_dir = backbone.open_dataset(config, "train")
     steps_per_epoch = pipeline.steps_per_epoch(clips, global_batch_size=config.train.batch_size,
-                                               options=loop.pair_options(config), cache_dir=cache_dir)
-    return loop.Trainer(config, steps_per_epoch)
+                                               options=backbone.pair_options(config),
+                                               cache_dir=cache_dir)
+    return backbone.Trainer(config, steps_per_epoch)
 
 
 def test_loss_falls_and_motion_transfer_improves(tmp_path, data_dir, trainer):
     config = tiny_config(data_dir, f"train.num_steps={STEPS}", "log.every_steps=3")
     untrained = trainer.variables(trainer.initial_state()[0])
-    state, _ = loop.train(config, tmp_path, progress=False, trainer=trainer)
+    state, _ = backbone.train(config, tmp_path, progress=False, trainer=trainer)
     losses = [json.loads(line)["loss"] for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert len(losses) == STEPS // 3
     assert np.mean(losses[-3:]) < 0.8 * np.mean(losses[:3]), losses
-    clips, _ = loop.open_dataset(config, "test")
+    clips, _ = backbone.open_dataset(config, "test")
     evaluator = Evaluator(trainer.model_config, untrained, batch_size=8)
     before = evaluator(untrained, clips, num_clips=2, progress=False)
     after = evaluator(trainer.variables(state), clips, num_clips=2, progress=False)
@@ -79,15 +80,15 @@ def straight(tmp_path_factory, data_dir, trainer):
     workdir = tmp_path_factory.mktemp("straight")
     config = tiny_config(data_dir, "train.num_steps=2", "log.checkpoint_every_steps=1",
                          "log.every_steps=1")
-    state, _ = loop.train(config, workdir, progress=False, trainer=trainer)
+    state, _ = backbone.train(config, workdir, progress=False, trainer=trainer)
     return state, workdir
 
 
 def test_resume_continues_exactly(tmp_path, data_dir, trainer, straight):
-    loop.train(tiny_config(data_dir, "train.num_steps=1"), tmp_path, progress=False,
-               trainer=trainer)
-    resumed, _ = loop.train(tiny_config(data_dir, "train.num_steps=2", "log.checkpoint_every_steps=1"),
-                            tmp_path, resume=True, progress=False, trainer=trainer)
+    backbone.train(tiny_config(data_dir, "train.num_steps=1"), tmp_path, progress=False,
+                   trainer=trainer)
+    resumed, _ = backbone.train(tiny_config(data_dir, "train.num_steps=2", "log.checkpoint_every_steps=1"),
+                                tmp_path, resume=True, progress=False, trainer=trainer)
     for a, b in zip(leaves(straight[0]), leaves(resumed)):
         np.testing.assert_array_equal(a, b)
     steps = [json.loads(line)["step"] for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
@@ -122,7 +123,7 @@ def test_training_continues_past_a_damaged_latest_step(tmp_path, data_dir, train
             path.write_bytes(b"garbage")
     config = tiny_config(data_dir, "train.num_steps=3", "log.checkpoint_every_steps=1",
                          "log.every_steps=1")
-    loop.train(config, workdir, resume=True, progress=False, trainer=trainer)
+    backbone.train(config, workdir, resume=True, progress=False, trainer=trainer)
     out, err = capfd.readouterr()
     assert "checkpoint step 2" in out and "unreadable" in out
     assert "Event loop is closed" not in out + err and "Traceback" not in out + err
@@ -131,7 +132,7 @@ def test_training_continues_past_a_damaged_latest_step(tmp_path, data_dir, train
     np.testing.assert_allclose(rows[2]["loss"], rows[1]["loss"], rtol=1e-6)
     assert TrainCheckpoints(workdir / "checkpoints").steps()[-2:] == [2, 3]
     assert len(list((workdir / "checkpoints-damaged").iterdir())) == 1
-    state, _ = loop.train(config, workdir, resume=True, progress=False, trainer=trainer)
+    state, _ = backbone.train(config, workdir, resume=True, progress=False, trainer=trainer)
     assert int(state.step) == 3
 
 

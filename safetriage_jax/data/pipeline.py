@@ -10,13 +10,13 @@ its step to continue the same stream.
 
 import dataclasses
 import json
-import os
 import pathlib
 
 import grain
 import jax
 import numpy as np
 
+from safetriage_jax import outputs
 from safetriage_jax.errors import SafeTriageError
 
 
@@ -113,11 +113,19 @@ def identity_index(clips, cache_dir=None) -> list:
         if len(identities) == len(clips):
             return identities
     identities = [_text(clips[i]["identity"]) for i in range(len(clips))]
-    if cache is not None:
-        tmp = cache.with_suffix(f".{os.getpid()}.tmp")  # processes may race
-        tmp.write_text(json.dumps(identities))
-        tmp.replace(cache)
+    if cache is not None:  # staged per process, so processes may race
+        outputs.write_text(cache, json.dumps(identities), overwrite=True,
+                           recognise=_is_identity_index)
     return identities
+
+
+def _is_identity_index(path):
+    """Whether ``path`` is an identity cache this module wrote (a JSON list of names)."""
+    try:
+        identities = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(identities, list) and all(isinstance(i, str) for i in identities)
 
 
 def _text(value):

@@ -1,10 +1,11 @@
 """De-identify a facial video: the synthetic identity makes the patient's facial movements.
 
-Two passes over the input. The first finds and tracks the face and plans a smoothed square crop
-per frame. The second crops, animates the identity image with the crops (batched, jitted), and
-writes either the generated crops or the full frames with the face pasted back. Frames with no
-face are written black, never as the original. Only video is written unless audio is asked
-for: audio and metadata are dropped (a voice or a recording's tags can identify a person too).
+Two passes over the input. The first (:func:`find_face`) finds and tracks the face, and
+:func:`plan_frames` plans a smoothed square crop per frame. The second (:func:`render`) crops,
+animates the identity image with the crops (batched, jitted), and writes either the generated
+crops or the full frames with the face pasted back. Frames with no face are written black,
+never as the original. Only video is written unless audio is asked for: audio and metadata are
+dropped (a voice or a recording's tags can identify a person too).
 """
 
 import dataclasses
@@ -16,12 +17,12 @@ from tqdm.auto import tqdm
 
 from safetriage_jax import outputs
 from safetriage_jax.animate import MODES, Animator, check_batch_size
-from safetriage_jax.checkpoint import load_model, load_prompt
 from safetriage_jax.deid import landmarks
 from safetriage_jax.deid.faces import DETECTORS, FaceTracker, crop_square, face_models, find_faces
 from safetriage_jax.deid.framing import (BLANK, FramingOptions, face_boxes, paste, plan_crops,
                                         runs, uncovered_frames)
 from safetriage_jax.errors import SafeTriageError
+from safetriage_jax.model_dir import load_model, load_prompt
 from safetriage_jax.video import VideoReader, is_video, read_image, video_writer
 
 REFERENCES = ("first", "neutral", "best")
@@ -152,64 +153,28 @@ def deidentify(input_path, identity_path, out_path, model_dir, *, options=DeidOp
     check_outputs(input_path, identity_path, out_path, model_dir, prompt_dir, report_dir,
                   overwrite)
     start_time = time.perf_counter()
-    config, variables = load_model(model_dir, warp_implementation=options.warp_implementation)
+    config, variables = load_model(model_dir)
     prompt = load_prompt(prompt_dir) if prompt_dir is not None else None
-    animator = Animator(config, variables, options.mode, prompt, options.precision)
+    animator = Animator(config, variables, options.mode, prompt, options.precision,
+                        options.warp_implementation)
     size = config.image_size
     models = face_models(options.detector)
     identity, identity_marks, notes = identity_face(identity_path, size, options.framing, models)
     setup_done = time.perf_counter()
 
-    with VideoReader(input_path) as reader:
-        fps = float(reader.fps)
-        bar = tqdm(total=reader.num_frames, unit="frame", desc="find face", disable=not progress)
-        track = FaceTracker(models).track(reader, fps, progress=bar)
-        bar.close()
-    if not track.found_T.any():
-        raise SafeTriageError(
-            f"No face found in {input_path} ({track.num_frames} frames searched). The face must be "
-            "roughly frontal, unoccluded and at least 40 px across; nothing was written.")
+    fps, track = find_face(input_path, models, progress)
     notes += track.notes
     track_done = time.perf_counter()
-    plan = plan_crops(face_boxes(track.landmarks_T68x2), fps, options.framing)
-    uncovered_T = np.zeros(track.num_frames, bool)
-    if options.paste_back:  # never write a frame where part of the original face would show
-        uncovered_T = uncovered_frames(plan, track.landmarks_T68x2, options.framing)
-        plan.status_T[uncovered_T] = BLANK
-        if not (track.found_T & (plan.status_T != BLANK)).any():
-            raise SafeTriageError(
-                f"At crop scale {options.framing.scale:g} the pasted face would not cover the "
-                f"patient's face in any frame of {input_path}; use a larger crop scale (default "
-                f"{FramingOptions().scale:g}). Nothing was written.")
+    plan, uncovered_T = plan_frames(input_path, track, fps, options)
     reference = choose_reference(track, plan, options.reference, identity_marks)
     reference_crop = crop_square(_frame_at(input_path, reference), plan.centers_T2[reference],
                                  plan.sides_T[reference], size)[0]
     animator.set_source(identity, reference_crop)
+    render(input_path, identity_path, out_path, animator, track, plan, options, size,
+           overwrite, progress)
 
-    width, height = (track.width, track.height) if options.paste_back else (size, size)
-    blank = np.zeros((height, width, 3), np.uint8)
-    audio_from = input_path if options.keep_audio else None
-    with VideoReader(input_path) as reader, \
-            video_writer(out_path, reader.fps, width, height, audio_from=audio_from,
-                         overwrite=overwrite, inputs=(input_path, identity_path)) as write:
-        bar = tqdm(total=track.num_frames, unit="frame", desc="de-identify", disable=not progress)
-        pending = None
-        for entries, crops in _chunks(reader, plan, size, options.batch_size):
-            result = animator.animate(crops) if crops is not None else None  # async dispatch
-            if pending is not None:
-                _flush(write, pending, plan, options, blank, bar)
-            pending = (entries, result)
-        _flush(write, pending, plan, options, blank, bar)
-        bar.close()
-
+    notes += _blank_notes(plan, uncovered_T)
     counts = plan.counts()
-    if counts["blank"] > uncovered_T.sum():
-        notes.append(f"{counts['blank'] - uncovered_T.sum()} frame(s) had no face nearby in time "
-                     "and were written black.")
-    if uncovered_T.any():
-        notes.append(f"{int(uncovered_T.sum())} frame(s) were written black because the pasted "
-                     "face would not have covered the whole face (outline with a margin); a "
-                     "larger crop scale keeps more of them.")
     end_time = time.perf_counter()
     seconds = end_time - start_time
     summary = {
@@ -235,6 +200,70 @@ def deidentify(input_path, identity_path, out_path, model_dir, *, options=DeidOp
                       progress=progress, overwrite=overwrite, show_original=report_show_original,
                       extra_json={"deid.json": summary})
     return summary
+
+
+def find_face(input_path, models, progress=True):
+    """First pass: (fps, face track) of the input video; raises if no frame shows a face."""
+    with VideoReader(input_path) as reader:
+        fps = float(reader.fps)
+        bar = tqdm(total=reader.num_frames, unit="frame", desc="find face", disable=not progress)
+        track = FaceTracker(models).track(reader, fps, progress=bar)
+        bar.close()
+    if not track.found_T.any():
+        raise SafeTriageError(
+            f"No face found in {input_path} ({track.num_frames} frames searched). The face must be "
+            "roughly frontal, unoccluded and at least 40 px across; nothing was written.")
+    return fps, track
+
+
+def plan_frames(input_path, track, fps, options):
+    """The smoothed crop per frame, and (with paste-back) the frames blanked because the pasted
+    square would not cover the whole face: (plan, uncovered_T)."""
+    plan = plan_crops(face_boxes(track.landmarks_T68x2), fps, options.framing)
+    uncovered_T = np.zeros(track.num_frames, bool)
+    if options.paste_back:  # never write a frame where part of the original face would show
+        uncovered_T = uncovered_frames(plan, track.landmarks_T68x2, options.framing)
+        plan.status_T[uncovered_T] = BLANK
+        if not (track.found_T & (plan.status_T != BLANK)).any():
+            raise SafeTriageError(
+                f"At crop scale {options.framing.scale:g} the pasted face would not cover the "
+                f"patient's face in any frame of {input_path}; use a larger crop scale (default "
+                f"{FramingOptions().scale:g}). Nothing was written.")
+    return plan, uncovered_T
+
+
+def render(input_path, identity_path, out_path, animator, track, plan, options, size,
+           overwrite, progress=True):
+    """Second pass: crops, animates (one batch in flight while the previous one is written)
+    and writes every frame of ``out_path``, black where the plan says blank."""
+    width, height = (track.width, track.height) if options.paste_back else (size, size)
+    blank = np.zeros((height, width, 3), np.uint8)
+    audio_from = input_path if options.keep_audio else None
+    with VideoReader(input_path) as reader, \
+            video_writer(out_path, reader.fps, width, height, audio_from=audio_from,
+                         overwrite=overwrite, inputs=(input_path, identity_path)) as write:
+        bar = tqdm(total=track.num_frames, unit="frame", desc="de-identify", disable=not progress)
+        pending = None
+        for entries, crops in _chunks(reader, plan, size, options.batch_size):
+            result = animator.animate(crops) if crops is not None else None  # async dispatch
+            if pending is not None:
+                _flush(write, pending, plan, options, blank, bar)
+            pending = (entries, result)
+        _flush(write, pending, plan, options, blank, bar)
+        bar.close()
+
+
+def _blank_notes(plan, uncovered_T):
+    """The report's notes on frames written black, by cause."""
+    counts, notes = plan.counts(), []
+    if counts["blank"] > uncovered_T.sum():
+        notes.append(f"{counts['blank'] - uncovered_T.sum()} frame(s) had no face nearby in time "
+                     "and were written black.")
+    if uncovered_T.any():
+        notes.append(f"{int(uncovered_T.sum())} frame(s) were written black because the pasted "
+                     "face would not have covered the whole face (outline with a margin); a "
+                     "larger crop scale keeps more of them.")
+    return notes
 
 
 def _name(path):

@@ -44,7 +44,6 @@ class DenseMotionNetwork(nn.Module):
     scale_factor: float = 0.25
     multi_mask: bool = True
     kp_variance: float = 0.01
-    warp_implementation: str = None
     policy: Policy = Policy()
 
     @nn.compact
@@ -74,7 +73,7 @@ class DenseMotionNetwork(nn.Module):
         # Grid rows b*T + t read source b; a batch-1 source is read by every frame's grids.
         deformed_BTHWC = grid_sample(
             source_BHWC, rearrange(grids_BTHW2, "b t h w two -> (b t) h w two"),
-            align_corners=True, implementation=self.warp_implementation,
+            align_corners=True, implementation=self.policy.warp_implementation,
         ).reshape(batch, num_transforms, height, width, channels)
 
         hourglass_in = jnp.concatenate(

@@ -25,7 +25,6 @@ class InpaintingNetwork(nn.Module):
     max_features: int
     num_down_blocks: int
     multi_mask: bool = True
-    warp_implementation: str = None
     policy: Policy = Policy()
 
     def setup(self):
@@ -63,7 +62,7 @@ class InpaintingNetwork(nn.Module):
         # Under remat the warp keeps only its inputs: its four gathered taps per pixel and
         # channel are the largest tensors of the training step.
         warp = self.policy.function(functools.partial(
-            grid_sample, align_corners=True, implementation=self.warp_implementation))
+            grid_sample, align_corners=True, implementation=self.policy.warp_implementation))
         return warp(image_BHWC, flows_by_size[size])
 
     def _occlusion_at(self, occlusion_map, index, size):

@@ -1,4 +1,5 @@
-"""How the networks run: the compute dtype of their layers and which blocks rematerialise.
+"""How the networks run: the compute dtype of their layers, which blocks rematerialise, and
+which grid-sample backend every warp uses.
 
 One frozen :class:`Policy` is handed to every network. The precision rule it carries:
 
@@ -10,6 +11,8 @@ One frozen :class:`Policy` is handed to every network. The precision rule it car
 Values cross between the two at module boundaries, with explicit casts. ``remat`` names a
 ``jax.checkpoint`` policy applied to each block (conv-norm-activation, residual, ResNet basic
 block) and to VGG, trading backward-pass recomputation for activation memory.
+``warp_implementation`` names the grid-sample backend of every warp (None: the op's default
+for the platform); none of these is part of what a model is, so none is saved with it.
 """
 
 import dataclasses
@@ -35,10 +38,12 @@ REMAT_POLICIES = {
 
 @dataclasses.dataclass(frozen=True)
 class Policy:
-    """Compute precision (``float32`` | ``bfloat16``) and remat policy (``REMAT_POLICIES``)."""
+    """Compute precision (``float32`` | ``bfloat16``), remat policy (``REMAT_POLICIES``) and
+    warp backend (a ``kernels.grid_sample.api.IMPLEMENTATIONS`` name, or None)."""
 
     precision: str = "float32"
     remat: str = "none"
+    warp_implementation: str | None = None
 
     def __post_init__(self):
         if self.precision not in PRECISIONS:
@@ -47,6 +52,15 @@ class Policy:
         if self.remat not in REMAT_POLICIES:
             raise SafeTriageError(f"Unknown remat policy {self.remat!r}; choose one of "
                                   f"{', '.join(REMAT_POLICIES)}.")
+        if self.warp_implementation is not None:
+            from safetriage_jax.kernels.grid_sample import api
+            known = sorted(set(api.IMPLEMENTATIONS) | set(api.UNAVAILABLE))
+            if self.warp_implementation not in api.IMPLEMENTATIONS:
+                why = (f" ({self.warp_implementation} is not available here: "
+                       f"{api.UNAVAILABLE[self.warp_implementation]})"
+                       if self.warp_implementation in api.UNAVAILABLE else "")
+                raise SafeTriageError(f"Unknown warp_implementation {self.warp_implementation!r}; "
+                                      f"choose one of {known}, or leave it unset{why}.")
 
     @property
     def dtype(self):

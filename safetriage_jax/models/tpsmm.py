@@ -23,8 +23,8 @@ SUBMODULES = ("kp_detector", "bg_predictor", "dense_motion_network", "inpainting
 class TPSMM(nn.Module):
     """Keypoint detector, background predictor, dense motion, inpainting and AVD networks.
 
-    ``policy`` sets the compute dtype and remat of the image networks (see ``models.policy``);
-    the AVD MLPs work on keypoints and stay float32.
+    ``policy`` sets the compute dtype, remat and warp backend of the image networks (see
+    ``models.policy``); the AVD MLPs work on keypoints and stay float32.
     """
 
     config: TPSMMConfig
@@ -39,13 +39,11 @@ class TPSMM(nn.Module):
             num_tps=cfg.num_tps, block_expansion=cfg.dense_block_expansion,
             max_features=cfg.dense_max_features, num_blocks=cfg.dense_num_blocks,
             scale_factor=cfg.scale_factor, multi_mask=cfg.multi_mask,
-            kp_variance=cfg.kp_variance, warp_implementation=cfg.warp_implementation,
-            policy=policy)
+            kp_variance=cfg.kp_variance, policy=policy)
         self.inpainting_network = InpaintingNetwork(
             num_channels=cfg.num_channels, block_expansion=cfg.generator_block_expansion,
             max_features=cfg.generator_max_features, num_down_blocks=cfg.num_down_blocks,
-            multi_mask=cfg.multi_mask, warp_implementation=cfg.warp_implementation,
-            policy=policy)
+            multi_mask=cfg.multi_mask, policy=policy)
         self.avd_network = AVDNetwork(cfg.num_tps, cfg.id_bottle_size, cfg.pose_bottle_size)
 
     def __call__(self, source_BHWC, driving_BHWC, train: bool = False, dropout_p=0.0,

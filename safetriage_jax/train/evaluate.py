@@ -53,10 +53,12 @@ def transfer(animator, identity_b, motion_a, video_a_THW3, batch_size):
 class Evaluator:
     """Held-out metrics for any variables of one model config (compiled once, reused)."""
 
-    def __init__(self, model_config, variables, batch_size=16):
+    def __init__(self, model_config, variables, batch_size=16, warp_implementation=None):
         self.batch_size = batch_size
-        self.standard = Animator(model_config, variables, mode="standard")
-        self.relative = Animator(model_config, variables, mode="relative")
+        self.standard = Animator(model_config, variables, mode="standard",
+                                 warp_implementation=warp_implementation)
+        self.relative = Animator(model_config, variables, mode="relative",
+                                 warp_implementation=warp_implementation)
 
     def __call__(self, variables, clips, *, num_clips=16, progress=True):
         """Mean metrics over the first ``num_clips`` clips of a tfds data source."""
@@ -81,24 +83,25 @@ class Evaluator:
         return means | {"num_clips": num_clips}
 
 
-def evaluate(model_config, variables, clips, *, num_clips=16, batch_size=16, progress=True):
+def evaluate(model_config, variables, clips, *, num_clips=16, batch_size=16, progress=True,
+             warp_implementation=None):
     """Mean held-out metrics of one model (see :class:`Evaluator`)."""
-    return Evaluator(model_config, variables, batch_size)(variables, clips, num_clips=num_clips,
-                                                           progress=progress)
+    evaluator = Evaluator(model_config, variables, batch_size, warp_implementation)
+    return evaluator(variables, clips, num_clips=num_clips, progress=progress)
 
 
 def evaluate_model_directory(config, model_dir, *, split="test", num_clips=None, progress=True):
     """Mean held-out metrics of the model in ``model_dir`` on ``config``'s dataset (a training
     ConfigDict); the model must run at the resolution of the dataset's clips."""
-    from safetriage_jax.checkpoint import load_model
+    from safetriage_jax.model_dir import load_model
     from safetriage_jax.errors import SafeTriageError
-    from safetriage_jax.train.loop import open_dataset
-    model_config, variables = load_model(
-        model_dir, warp_implementation=config.model.get("warp_implementation"))
+    from safetriage_jax.train.backbone import open_dataset
+    model_config, variables = load_model(model_dir)
     if model_config.image_size != config.data.size:
         raise SafeTriageError(f"The model in {model_dir} runs at {model_config.image_size} px but "
                               f"the config's clips are {config.data.size} px; evaluate it with "
                               "the config it was trained with.")
     clips, _ = open_dataset(config, split)
     return evaluate(model_config, variables, clips, num_clips=num_clips or config.eval.num_clips,
-                    batch_size=config.eval.batch_size, progress=progress)
+                    batch_size=config.eval.batch_size, progress=progress,
+                    warp_implementation=config.train.warp_implementation)

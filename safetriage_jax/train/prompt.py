@@ -5,7 +5,7 @@ optimizer, and enter the loss through ``stop_gradient``: only the prompt generat
 receive gradients. The objective is the frozen backbone's motion-transfer fidelity on prompted
 driving frames of simulated patients (perceptual + L1 against the synthetic person rendered with
 the patient's motion, and keypoint consistency), plus the generator's denoising loss. Same mesh,
-sharding, loop, checkpoints and logs as the backbone trainer (``train/loop.py``'s
+sharding, loop, checkpoints and logs as the backbone trainer (``train/trainer.py``'s
 ``MeshTrainer`` and ``fit``).
 """
 
@@ -21,9 +21,10 @@ import optax
 from safetriage_jax.animate import relative_keypoints
 from safetriage_jax.data.simulated_patients import IMAGE_KEYS, PatientOptions, patient_batches
 from safetriage_jax.models import prompt as prompt_lib
+from safetriage_jax.models.policy import Policy
 from safetriage_jax.models.tpsmm import TPSMM
 from safetriage_jax.train import augment, losses
-from safetriage_jax.train.loop import MeshTrainer, fit, write_from_primary
+from safetriage_jax.train.trainer import MeshTrainer, fit, write_from_primary
 
 
 @flax.struct.dataclass
@@ -111,7 +112,8 @@ class PromptTrainer(MeshTrainer):
     def __init__(self, config, backbone_config, backbone, mesh=None):
         super().__init__(config, mesh)
         self.pcfg = prompt_lib.PromptConfig.from_dict(config.prompt.to_dict())
-        self.model = TPSMM(backbone_config)
+        self.model = TPSMM(backbone_config,
+                           Policy(warp_implementation=config.train.warp_implementation))
         self.backbone = jax.device_put(backbone, self.replicated)
         self.tx = prompt_optimizer(config.train)
         self.step = self.jit_step(functools.partial(
@@ -157,10 +159,9 @@ def patient_options(config, image_size):
 def train_prompt(config, workdir, *, resume=False, progress=True):
     """Trains the prompt generator against the frozen backbone ``config.backbone``; writes
     ``workdir/prompt``. Returns (final state, last metrics)."""
-    from safetriage_jax.checkpoint import load_model, save_prompt
+    from safetriage_jax.model_dir import load_model, save_prompt
     workdir = pathlib.Path(workdir).expanduser().absolute()
-    backbone_config, backbone = load_model(pathlib.Path(config.backbone).expanduser(),
-                                           warp_implementation=config.model.warp_implementation)
+    backbone_config, backbone = load_model(pathlib.Path(config.backbone).expanduser())
     trainer = PromptTrainer(config, backbone_config, backbone)
     batches = lambda start_step: patient_batches(
         patient_options(config, backbone_config.image_size), config.train.batch_size,

@@ -39,8 +39,10 @@ class TrainState:
 
 
 def policy(train_cfg) -> Policy:
-    """The networks' compute dtype and remat policy from ``train.precision`` / ``train.remat``."""
-    return Policy(precision=train_cfg.precision, remat=train_cfg.remat)
+    """The networks' compute dtype, remat policy and warp backend from ``train.precision`` /
+    ``train.remat`` / ``train.warp_implementation``."""
+    return Policy(precision=train_cfg.precision, remat=train_cfg.remat,
+                  warp_implementation=train_cfg.warp_implementation)
 
 
 def networks(config):
@@ -120,7 +122,7 @@ def generator_losses(params, state, batch, rng, *, model, vgg_features, cfg, epo
             vgg_features, generated["prediction"], driving, tcfg.scales, weights.perceptual)
     if weights.equivariance:
         warped, tps = losses.equivariance_frame(tps_key, driving, tcfg.transform,
-                                                model.config.warp_implementation)
+                                                model.policy.warp_implementation)
         kp_warped = run(TPSMM.keypoints, warped, True)
         terms["equivariance"] = weights.equivariance * losses.equivariance(kp_driving, kp_warped, tps)
     if weights.warp:

@@ -4,7 +4,6 @@ A model directory holds ``config.json`` (the :class:`TPSMMConfig`) and the varia
 an orbax checkpoint (``variables/``, the default) or as ``model.safetensors``, or both.
 """
 
-import dataclasses
 import json
 import pathlib
 
@@ -138,11 +137,9 @@ def load_config(model_dir) -> TPSMMConfig:
         raise SafeTriageError(f"{path} is corrupt ({err}); port the weights again.") from None
 
 
-def load_model(model_dir, **runtime):
-    """Returns (config, variables) from a model directory, checking every shape.
-
-    ``runtime``: how to run the model (``TPSMMConfig.RUNTIME_FIELDS``, e.g.
-    ``warp_implementation``), set on the returned config; None leaves the default."""
+def load_model(model_dir):
+    """Returns (config, variables) from a model directory, checking every shape (how to run
+    the model, e.g. its warp backend, is a ``models.policy.Policy`` of the caller's)."""
     model_dir = pathlib.Path(model_dir)
     require_model_directory(model_dir)
     config = load_config(model_dir)
@@ -160,16 +157,7 @@ def load_model(model_dir, **runtime):
         raise SafeTriageError(f"{model_dir} has no weights ({ORBAX_DIR}/ or {SAFETENSORS_FILE}).")
     check_variables(variables, config)
     check_finite(variables, f"The weights in {model_dir}")
-    return with_runtime(config, **runtime), variables
-
-
-def with_runtime(config: TPSMMConfig, **runtime) -> TPSMMConfig:
-    """``config`` with the runtime fields given (None values keep the config's)."""
-    unknown = sorted(set(runtime) - set(TPSMMConfig.RUNTIME_FIELDS))
-    if unknown:
-        raise TypeError(f"Not runtime fields of TPSMMConfig: {unknown}.")
-    chosen = {k: v for k, v in runtime.items() if v is not None}
-    return dataclasses.replace(config, **chosen) if chosen else config
+    return config, variables
 
 
 def check_variables(variables, config: TPSMMConfig):
