@@ -72,7 +72,7 @@ def cmd_export_weights(args):
     from safetriage_jax.checkpoint import load_model
     from safetriage_jax.outputs import check_output
     from safetriage_jax.porting import export_checkpoint
-    check_output(args.out, inputs=(args.checkpoint,), overwrite=args.overwrite)
+    check_output(args.out, "torch", inputs=(args.checkpoint,), overwrite=args.overwrite)
     _, variables = load_model(args.checkpoint)
     export_checkpoint(variables, args.out, overwrite=args.overwrite, inputs=(args.checkpoint,))
     print(f"Wrote upstream-layout checkpoint {args.out}.")
@@ -149,13 +149,12 @@ def cmd_evaluate(args):
     from safetriage_jax.models.config import load_python_config
     from safetriage_jax.train.evaluate import evaluate_model_directory
     if args.out:
-        outputs.check_output(args.out, inputs=(args.model,), overwrite=args.overwrite)
+        outputs.check_output(args.out, "json", inputs=(args.model,), overwrite=args.overwrite)
     metrics = evaluate_model_directory(load_python_config(args.config), args.model,
                                        split=args.split, num_clips=args.num_clips)
-    text = json.dumps(metrics, indent=2)
-    print(text)
+    print(json.dumps(metrics, indent=2))
     if args.out:
-        outputs.write_text(args.out, text + "\n", inputs=(args.model,), overwrite=args.overwrite)
+        outputs.write_json(args.out, metrics, inputs=(args.model,), overwrite=args.overwrite)
 
 
 def cmd_deid(args):

@@ -12,7 +12,6 @@ for the perceptual loss the same way (``features.28.weight`` <-> ``params/featur
 
 import pathlib
 import re
-import zipfile
 
 import numpy as np
 from flax import traverse_util
@@ -190,9 +189,10 @@ def export_checkpoint(variables, out_path, epoch=0, *, overwrite=False, inputs=(
     replaced (with ``overwrite``) only if it is a torch checkpoint, never an input."""
     torch = _require_torch()
     size = sum(np.asarray(v).nbytes for v in traverse_util.flatten_dict(variables).values())
-    with outputs.atomic_file(out_path, overwrite=overwrite, inputs=inputs, need_bytes=size,
-                             recognise=zipfile.is_zipfile) as staging:
+    with outputs.atomic_file(out_path, "torch", overwrite=overwrite, inputs=inputs,
+                             need_bytes=size) as staging:
         payload = dict(flax_to_torch(variables), epoch=epoch)
+        payload[outputs.MARK_KEY] = outputs.new_mark()  # upstream's loader ignores it
         with open(staging, "wb") as f:
             torch.save(payload, f)
 
@@ -246,8 +246,7 @@ def port_to_directory(checkpoint_path, config: TPSMMConfig, out_dir, *, safetens
     an input or a folder holding one; replaced only if it is a model directory)."""
     from safetriage_jax import checkpoint as ckpt
     inputs = (checkpoint_path, *inputs)
-    outputs.check_output(out_dir, folder=True, inputs=inputs, overwrite=overwrite,
-                         recognise=ckpt.is_model_directory)
+    outputs.check_output(out_dir, "folder", inputs=inputs, overwrite=overwrite)
     variables = port_checkpoint(checkpoint_path, config)
     return ckpt.save_model(out_dir, config, variables, safetensors=safetensors,
                            overwrite=overwrite, inputs=inputs)

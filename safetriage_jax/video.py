@@ -110,15 +110,6 @@ class VideoReader:
         self.close()
 
 
-def is_video(path):
-    """Whether ``path`` opens as a file with a video stream (an output this tool may replace)."""
-    try:
-        with av.open(str(path)) as container:
-            return bool(container.streams.video)
-    except (av.error.FFmpegError, UnicodeDecodeError, OSError):
-        return False
-
-
 @contextlib.contextmanager
 def video_writer(path, fps, width, height, crf=18, audio_from=None, *, overwrite=False, inputs=()):
     """Yields ``write(frames_NHW3_uint8)``; the h264 mp4 appears at ``path`` only on success.
@@ -131,8 +122,9 @@ def video_writer(path, fps, width, height, crf=18, audio_from=None, *, overwrite
     pad = ((0, height % 2), (0, width % 2), (0, 0))
     width, height = width + width % 2, height + height % 2
     inputs = (*inputs, audio_from)
-    with outputs.atomic_file(path, overwrite=overwrite, inputs=inputs, recognise=is_video) as tmp:
+    with outputs.atomic_file(path, "video", overwrite=overwrite, inputs=inputs) as tmp:
         container = av.open(str(tmp), mode="w")
+        container.metadata[outputs.VIDEO_TAG] = outputs.new_mark()  # the tool's mark, nothing else
         written = 0
         try:
             stream = container.add_stream("libx264",

@@ -22,7 +22,7 @@ from safetriage_jax.deid.faces import DETECTORS, FaceTracker, crop_square, face_
 from safetriage_jax.deid.framing import (BLANK, FramingOptions, paste, plan_crops, runs,
                                         uncovered_frames)
 from safetriage_jax.errors import SafeTriageError
-from safetriage_jax.video import VideoReader, is_video, read_image, video_writer
+from safetriage_jax.video import VideoReader, read_image, video_writer
 
 REFERENCES = ("first", "neutral", "best")
 
@@ -129,11 +129,9 @@ def check_outputs(input_path, identity_path, out_path, model_dir, prompt_dir=Non
     """Raises before any compute if the video or the report folder may not be written: an
     output that is an input, exists (without ``overwrite``) or lies in an unwritable place."""
     inputs = (input_path, identity_path, model_dir, prompt_dir)
-    outputs.check_output(out_path, inputs=inputs, overwrite=overwrite, recognise=is_video)
+    outputs.check_output(out_path, "video", inputs=inputs, overwrite=overwrite)
     if report_dir is not None:
-        from safetriage_jax.deid.report import is_report
-        outputs.check_output(report_dir, folder=True, inputs=(*inputs, out_path),
-                             overwrite=overwrite, recognise=is_report)
+        outputs.check_output(report_dir, "folder", inputs=(*inputs, out_path), overwrite=overwrite)
 
 
 def deidentify(input_path, identity_path, out_path, model_dir, *, options=DeidOptions(),

@@ -289,16 +289,9 @@ def run_steps(step, predict, state, batches, *, config, workdir, checkpoints, nu
 
 
 def _write_config(workdir, config):
-    """The run's config as ``workdir/config.json`` (atomically; replaces only an earlier run's)."""
+    """The run's config as ``workdir/config.json`` (atomically, marked; replaces only an earlier
+    run's)."""
     if distributed.is_primary():
-        outputs.write_text(workdir / "config.json", config.to_json_best_effort(indent=2),
-                           overwrite=True, recognise=_is_run_config)
+        outputs.write_json(workdir / "config.json", json.loads(config.to_json_best_effort()),
+                           overwrite=True)
 
-
-def _is_run_config(path):
-    """Whether ``path`` is a config.json this trainer wrote (a JSON object with 'train')."""
-    try:
-        config = json.loads(path.read_text())
-    except (OSError, ValueError):
-        return False
-    return isinstance(config, dict) and "train" in config
