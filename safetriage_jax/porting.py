@@ -168,7 +168,7 @@ def flax_to_torch(variables):
     modules = {}
     for path, value in traverse_util.flatten_dict(variables).items():
         module, key = torch_key(path)
-        tensor = torch.from_numpy(np.ascontiguousarray(to_torch_layout(np.asarray(value), path)))
+        tensor = torch.from_numpy(np.array(to_torch_layout(np.asarray(value), path), order="C"))  # a writable copy
         modules.setdefault(module, {})[key] = tensor
         if key.endswith("running_mean"):
             counter = key[: -len("running_mean")] + "num_batches_tracked"

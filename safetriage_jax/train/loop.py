@@ -10,6 +10,7 @@ function of (seed, step) alone, so runs reproduce across topologies at equal glo
 """
 
 import collections
+import contextlib
 import functools
 import json
 import pathlib
@@ -190,14 +191,32 @@ def total_steps(config, steps_per_epoch):
     return config.train.num_steps or config.train.num_epochs * steps_per_epoch
 
 
+@contextlib.contextmanager
+def owned_workdir(workdir):
+    """Claims ``workdir`` for this run before any work: a new or empty folder gets the tool's
+    mark, a folder without it is refused (never written into), and a lock refuses a second run
+    in it at the same time. Process 0 checks and locks; the others share its folder."""
+    if not distributed.is_primary():
+        yield
+        return
+    outputs.claim_folder(workdir)
+    with outputs.folder_lock(workdir):
+        yield
+
+
 def train(config, workdir, *, resume=False, progress=True, trainer=None):
     """Runs (or with ``resume``, continues) training; returns (final state, last metrics).
 
     ``trainer``: a :class:`Trainer` of the same config to reuse (its compiled step) across calls.
     """
+    workdir = pathlib.Path(workdir).expanduser().absolute()
+    with owned_workdir(workdir):
+        return _train(config, workdir, resume, progress, trainer)
+
+
+def _train(config, workdir, resume, progress, trainer):
     from safetriage_jax.checkpoint import save_model
     from safetriage_jax.data import pipeline
-    workdir = pathlib.Path(workdir).expanduser().absolute()
     clips, cache_dir = open_dataset(config, "train")
     steps_per_epoch = pipeline.steps_per_epoch(clips, global_batch_size=config.train.batch_size,
                                                options=pair_options(config), cache_dir=cache_dir)

@@ -23,7 +23,7 @@ from safetriage_jax.data.simulated_patients import IMAGE_KEYS, PatientOptions, p
 from safetriage_jax.models import prompt as prompt_lib
 from safetriage_jax.models.tpsmm import TPSMM
 from safetriage_jax.train import augment, losses
-from safetriage_jax.train.loop import MeshTrainer, fit, write_from_primary
+from safetriage_jax.train.loop import MeshTrainer, fit, owned_workdir, write_from_primary
 
 
 @flax.struct.dataclass
@@ -157,8 +157,13 @@ def patient_options(config, image_size):
 def train_prompt(config, workdir, *, resume=False, progress=True):
     """Trains the prompt generator against the frozen backbone ``config.backbone``; writes
     ``workdir/prompt``. Returns (final state, last metrics)."""
-    from safetriage_jax.checkpoint import load_model, save_prompt
     workdir = pathlib.Path(workdir).expanduser().absolute()
+    with owned_workdir(workdir):
+        return _train_prompt(config, workdir, resume, progress)
+
+
+def _train_prompt(config, workdir, resume, progress):
+    from safetriage_jax.checkpoint import load_model, save_prompt
     backbone_config, backbone = load_model(pathlib.Path(config.backbone).expanduser(),
                                            warp_implementation=config.model.warp_implementation)
     trainer = PromptTrainer(config, backbone_config, backbone)
