@@ -168,7 +168,8 @@ def cmd_deid(args):
     options = DeidOptions(mode=args.mode, reference=args.reference, paste_back=args.paste_back,
                           detector=args.detector, keep_audio=args.keep_audio,
                           batch_size=args.batch, warp_implementation=args.warp_implementation,
-                          precision=args.precision, framing=FramingOptions(scale=args.crop_scale))
+                          precision=args.precision, framing=FramingOptions(scale=args.crop_scale),
+                          subject=args.subject)
     summary = deidentify(args.input, args.identity, args.out, checkpoint, options=options,
                          prompt_dir=args.prompt_checkpoint, report_dir=args.report,
                          overwrite=args.overwrite,
@@ -316,6 +317,10 @@ def build_parser():
     p.add_argument("--crop-scale", type=_framing_range("scale"), default=1.8,
                    help="crop side / face box side (1.2 to 5); with --paste-back, frames where "
                         "the square would not cover the whole face are blanked")
+    p.add_argument("--subject", default="largest", metavar="largest|center|X0,Y0,X1,Y1",
+                   help="the patient's face when several are found: the largest (default), the "
+                        "one nearest the frame's centre, or the one in this box (frame pixels); "
+                        "with --paste-back every other face is masked black")
     p.add_argument("--keep-audio", action="store_true",
                    help="copy the input's audio (re-encoded AAC); dropped by default: voices identify")
     p.add_argument("--detector", default="hog", choices=["hog", "centerface"],

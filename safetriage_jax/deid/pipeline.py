@@ -3,7 +3,9 @@
 Two passes over the input. The first finds and tracks the face and plans a smoothed square crop
 per frame. The second crops, animates the identity image with the crops (batched, jitted), and
 writes either the generated crops or the full frames with the face pasted back. Frames with no
-face are written black, never as the original. Only video is written unless audio is asked
+face are written black, never as the original. One face is the subject (``--subject``: the
+largest by default); with paste-back every frame is searched whole and every other face found
+is masked black, so no face of the original passes through. Only video is written unless audio is asked
 for: audio and metadata are dropped (a voice or a recording's tags can identify a person too).
 """
 
@@ -18,9 +20,10 @@ from safetriage_jax import outputs
 from safetriage_jax.animate import MODES, Animator, check_batch_size
 from safetriage_jax.checkpoint import load_model, load_prompt
 from safetriage_jax.deid import landmarks
-from safetriage_jax.deid.faces import DETECTORS, FaceTracker, crop_square, face_models, find_faces
-from safetriage_jax.deid.framing import (BLANK, FramingOptions, paste, plan_crops, runs,
-                                        uncovered_frames)
+from safetriage_jax.deid.faces import (DETECTORS, FaceTracker, Subject, crop_square, face_models,
+                                      find_faces)
+from safetriage_jax.deid.framing import (BLANK, FramingOptions, black_out, other_faces, paste,
+                                        plan_crops, runs, uncovered_frames)
 from safetriage_jax.errors import SafeTriageError
 from safetriage_jax.video import VideoReader, read_image, video_writer
 
@@ -38,10 +41,12 @@ class DeidOptions:
     framing: FramingOptions = FramingOptions()
     warp_implementation: str | None = None
     precision: str = "float32"  # the networks' compute dtype: float32 | bfloat16
+    subject: str = "largest"  # the patient's face: largest | center | x0,y0,x1,y1 (frame pixels)
 
 
 def _check(options):
     check_batch_size(options.batch_size)
+    Subject.parse(options.subject)
     choices = {"reference": REFERENCES, "mode": MODES, "detector": DETECTORS}
     for name, allowed in choices.items():
         if getattr(options, name) not in allowed:
@@ -104,8 +109,9 @@ def _batch(entries, crops, batch_size):
     return entries, np.stack(crops + [crops[-1]] * (batch_size - len(crops)))
 
 
-def _compose(entries, faces_BSS3, plan, paste_back, feather, blank_HW3):
-    """Output frames of one chunk: generated face (or frame with it pasted back), or black."""
+def _compose(entries, faces_BSS3, plan, paste_back, feather, blank_HW3, masks_T):
+    """Output frames of one chunk: generated face (or frame with it pasted back and every
+    other face masked black), or black."""
     out, next_face = [], 0
     for index, frame in entries:
         if plan.status_T[index] == BLANK:
@@ -113,8 +119,11 @@ def _compose(entries, faces_BSS3, plan, paste_back, feather, blank_HW3):
             continue
         face = faces_BSS3[next_face]
         next_face += 1
-        out.append(paste(frame, face, plan.centers_T2[index], plan.sides_T[index], feather)
-                   if paste_back else face)
+        if paste_back:
+            pasted = paste(frame, face, plan.centers_T2[index], plan.sides_T[index], feather)
+            out.append(black_out(pasted, masks_T[index]))
+        else:
+            out.append(face)
     return out
 
 
@@ -160,7 +169,9 @@ def deidentify(input_path, identity_path, out_path, model_dir, *, options=DeidOp
     with VideoReader(input_path) as reader:
         fps = float(reader.fps)
         bar = tqdm(total=reader.num_frames, unit="frame", desc="find face", disable=not progress)
-        track = FaceTracker(models).track(reader, fps, progress=bar)
+        subject = Subject.parse(options.subject)
+        tracker = FaceTracker(models, subject=subject, scan_every_frame=options.paste_back)
+        track = tracker.track(reader, fps, progress=bar)
         bar.close()
     if not track.found_T.any():
         raise SafeTriageError(
@@ -178,6 +189,11 @@ def deidentify(input_path, identity_path, out_path, model_dir, *, options=DeidOp
                 f"At crop scale {options.framing.scale:g} the pasted face would not cover the "
                 f"patient's face in any frame of {input_path}; use a larger crop scale (default "
                 f"{FramingOptions().scale:g}). Nothing was written.")
+    masks_T = other_faces(track, plan, options.framing) if options.paste_back else None
+    notes.append(_subject_note(track, subject, options))
+    masked_frames = sum(len(m) > 0 for m in masks_T) if masks_T is not None else 0
+    if masked_frames:
+        notes.append(f"Other faces were masked black in {masked_frames} frame(s).")
     reference = choose_reference(track, plan, options.reference, identity_marks)
     reference_crop = crop_square(_frame_at(input_path, reference), plan.centers_T2[reference],
                                  plan.sides_T[reference], size)[0]
@@ -194,9 +210,9 @@ def deidentify(input_path, identity_path, out_path, model_dir, *, options=DeidOp
         for entries, crops in _chunks(reader, plan, size, options.batch_size):
             result = animator.animate(crops) if crops is not None else None  # async dispatch
             if pending is not None:
-                _flush(write, pending, plan, options, blank, bar)
+                _flush(write, pending, plan, options, blank, bar, masks_T)
             pending = (entries, result)
-        _flush(write, pending, plan, options, blank, bar)
+        _flush(write, pending, plan, options, blank, bar, masks_T)
         bar.close()
 
     counts = plan.counts()
@@ -213,7 +229,8 @@ def deidentify(input_path, identity_path, out_path, model_dir, *, options=DeidOp
         # file names only: a report is shared, and folder names often identify the patient
         "input": _name(input_path), "identity": _name(identity_path), "output": _name(out_path),
         "model": _name(model_dir), "prompt": None if prompt_dir is None else _name(prompt_dir),
-        "mode": options.mode, "paste_back": options.paste_back,
+        "mode": options.mode, "paste_back": options.paste_back, "subject": options.subject,
+        "masked_frames": masked_frames,
         "frames": track.num_frames, "fps": fps, "face_frames": counts["face"],
         "filled_frames": counts["filled"], "blank_frames": counts["blank"],
         "uncovered_frames": int(uncovered_T.sum()),
@@ -234,13 +251,24 @@ def deidentify(input_path, identity_path, out_path, model_dir, *, options=DeidOp
     return summary
 
 
+def _subject_note(track, subject, options):
+    """Which face was replaced (paste-back) or drove the motion (crop), and where it was first."""
+    first = int(np.flatnonzero(track.found_T)[0])
+    box = ",".join(f"{v:.0f}" for v in track.boxes_T4[first])
+    role = ("is replaced; every other face found is masked black" if options.paste_back
+            else "drives the motion")
+    return (f"Subject (--subject {options.subject}): {subject.describe()}, first found in frame "
+            f"{first} at x0,y0,x1,y1 = {box}, {role}.")
+
+
 def _name(path):
     return pathlib.Path(path).name
 
 
-def _flush(write, pending, plan, options, blank, bar):
+def _flush(write, pending, plan, options, blank, bar, masks_T):
     entries, result = pending
     faces = np.asarray(result) if result is not None else None
-    write(_compose(entries, faces, plan, options.paste_back, options.framing.feather, blank))
+    write(_compose(entries, faces, plan, options.paste_back, options.framing.feather, blank,
+                   masks_T))
     bar.update(len(entries))
 
