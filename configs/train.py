@@ -12,7 +12,8 @@ import dataclasses
 
 import ml_collections
 
-from safetriage_jax.models.config import PRESETS, TPSMMConfig, apply_overrides, split_config_arg
+from safetriage_jax.models.config import (PRESETS, TRAIN_LIMITS, TPSMMConfig, apply_overrides,
+                                          check_limits, split_config_arg)
 
 
 def base_config() -> ml_collections.ConfigDict:
@@ -97,6 +98,7 @@ def get_config(arg: str = "vox-256") -> ml_collections.ConfigDict:
 
 def check(c):
     """Raises ValueError for settings that contradict each other or cannot train."""
+    check_limits(c, TRAIN_LIMITS)
     if c.data.size != c.model.image_size:
         raise ValueError(f"data.size ({c.data.size}) and model.image_size ({c.model.image_size}) "
                          "must agree: the model is trained on frames of data.size pixels.")

@@ -3,8 +3,10 @@
 import argparse
 import os
 import pathlib
+import signal
 import sys
 import time
+import warnings
 
 from safetriage_jax.errors import SafeTriageError
 
@@ -119,7 +121,8 @@ def _run_training(args, train_fn, what, result, hint=""):
     from safetriage_jax.models.config import load_python_config
     from safetriage_jax.train import distributed
     distributed.initialize(distributed.launch_settings(
-        args.coordinator_address, args.num_processes, args.process_id), auto=args.distributed)
+        args.coordinator_address, args.num_processes, args.process_id), auto=args.distributed,
+        timeout_s=args.coordinator_timeout)
     if not jax.config.jax_compilation_cache_dir:  # restarts and --resume skip recompiling
         jax.config.update("jax_compilation_cache_dir",
                           str(pathlib.Path("~/.cache/safetriage-jax/xla").expanduser()))
@@ -279,6 +282,10 @@ def build_parser():
                        help="multi-host: processes in the run (or $SAFETRIAGE_NUM_PROCESSES)")
         p.add_argument("--process-id", default=None, metavar="I",
                        help="multi-host: this process, 0..N-1 (or $SAFETRIAGE_PROCESS_ID)")
+        p.add_argument("--coordinator-timeout", type=_bounded(float, 1, 24 * 3600), default=300,
+                       metavar="SECONDS",
+                       help="multi-host: how long to wait for the coordinator and every "
+                            "process to join before giving up with an error (default 300)")
         p.set_defaults(func=func)
 
     add_training("train", "train the backbone (configs/train.py:VARIANT)",
@@ -362,6 +369,22 @@ def build_parser():
     return parser
 
 
+def _stop_on_sigterm(signum, frame):
+    raise KeyboardInterrupt  # SIGTERM ends a run like Ctrl-C: staged outputs are removed
+
+
+def _end_progress_bars():
+    """Closes the progress bars still open, so a message starts on a line of its own."""
+    from tqdm import tqdm
+    for bar in list(getattr(tqdm, "_instances", ())):
+        bar.close()
+
+
+def _report(message):
+    _end_progress_bars()
+    print(message, file=sys.stderr, flush=True)
+
+
 def main(argv=None):
     from safetriage_jax.outputs import OutputExistsError
     try:
@@ -369,16 +392,26 @@ def main(argv=None):
     except SystemExit as exit:  # --help, --version, or a usage error (already printed)
         return exit.code
     try:
-        args.func(args)
+        previous = signal.signal(signal.SIGTERM, _stop_on_sigterm)
+    except ValueError:  # not the main thread: signals stay as they are
+        previous = None
+    try:
+        with warnings.catch_warnings():
+            if not sys.warnoptions and not os.environ.get("PYTHONWARNINGS"):
+                warnings.simplefilter("ignore")  # library warnings are not for users; -W shows them
+            args.func(args)
     except OutputExistsError as err:
-        print(f"error: {err} (pass --overwrite to replace it)", file=sys.stderr)
+        _report(f"error: {err} (pass --overwrite to replace it)")
         return 2
     except SafeTriageError as err:
-        print(f"error: {err}", file=sys.stderr)
+        _report(f"error: {err}")
         return 2
     except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
+        _report("interrupted; nothing half-written was left")
         return 130
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
     return 0
 
 

@@ -80,9 +80,8 @@ def _require_torch():
 def _torch_load(path, what, missing_hint, expected):
     """``torch.load(weights_only=True)`` with one-line errors for a missing or unreadable file."""
     torch = _require_torch()
-    path = pathlib.Path(path).expanduser()
-    if not path.is_file():
-        raise SafeTriageError(f"{what} {path} does not exist; {missing_hint}")
+    from safetriage_jax.inputs import require_file
+    path = require_file(path, what, missing_hint[:1].upper() + missing_hint[1:])
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # torch raises many types for corrupt or foreign files

@@ -2,7 +2,7 @@
 
 import contextlib
 import fractions
-import pathlib
+import warnings
 
 import av
 import numpy as np
@@ -10,8 +10,11 @@ from PIL import Image, UnidentifiedImageError
 
 from safetriage_jax import outputs
 from safetriage_jax.errors import SafeTriageError
+from safetriage_jax.inputs import require_file
 
 MIN_SIDE = 32  # smaller inputs cannot carry a usable face
+MAX_IMAGE_PIXELS = 50_000_000  # larger images are refused before decoding (an 8K photo is 33 MP)
+MAX_VIDEO_SIDE = 8192  # video frames up to 8K
 TRUNCATION_SLACK = 0.02  # decoded frames may fall this far (and 2 frames) short of the header
 
 
@@ -23,13 +26,18 @@ def _check_size(width, height, what):
 
 def read_image(path):
     """(H, W, 3) uint8 RGB from any image Pillow reads (alpha dropped, greyscale expanded)."""
-    path = pathlib.Path(path)
-    if not path.is_file():
-        raise SafeTriageError(f"Image {path} does not exist.")
+    path = require_file(path, "Image")
     try:
-        with Image.open(path) as image:
-            rgb = _to_rgb8(image)
-    except (UnidentifiedImageError, OSError) as err:
+        with warnings.catch_warnings():  # Pillow warns of large images; the check below decides
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            with Image.open(path) as image:
+                width, height = image.size
+                if width * height > MAX_IMAGE_PIXELS:
+                    raise SafeTriageError(
+                        f"Image {path} is {width}x{height} px ({width * height / 1e6:.0f} MP); at "
+                        f"most {MAX_IMAGE_PIXELS / 1e6:.0f} MP is read. Scale it down first.")
+                rgb = _to_rgb8(image)
+    except (UnidentifiedImageError, OSError, Image.DecompressionBombError) as err:
         raise SafeTriageError(f"Could not read {path} as an image ({err}); pass a PNG or JPEG.") from None
     _check_size(rgb.shape[1], rgb.shape[0], f"Image {path}")
     return rgb
@@ -52,9 +60,7 @@ class VideoReader:
     """Decodes the first video stream of a file as (H, W, 3) uint8 RGB frames."""
 
     def __init__(self, path):
-        self.path = pathlib.Path(path)
-        if not self.path.is_file():
-            raise SafeTriageError(f"Video {self.path} does not exist.")
+        self.path = require_file(path, "Video")
         try:
             self._container = av.open(str(self.path))
         except (av.error.FFmpegError, UnicodeDecodeError) as err:
@@ -66,6 +72,11 @@ class VideoReader:
         self._stream = self._container.streams.video[0]
         self._stream.thread_type = "AUTO"
         _check_size(self._stream.width, self._stream.height, f"Video {self.path}")
+        if max(self._stream.width, self._stream.height) > MAX_VIDEO_SIDE:
+            self._container.close()
+            raise SafeTriageError(f"Video {self.path} is {self._stream.width}x"
+                                  f"{self._stream.height} px; at most {MAX_VIDEO_SIDE} px a side "
+                                  "is read. Scale it down first.")
 
     @property
     def fps(self) -> fractions.Fraction:

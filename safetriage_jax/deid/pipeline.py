@@ -245,9 +245,13 @@ def deidentify(input_path, identity_path, out_path, model_dir, *, options=DeidOp
     }
     if report_dir is not None:
         from safetriage_jax.deid.evaluation import evaluate_deid
-        evaluate_deid(input_path, out_path, report_dir, identity_path=identity_path,
-                      progress=progress, overwrite=overwrite, show_original=report_show_original,
-                      extra_json={"deid.json": summary})
+        try:
+            evaluate_deid(input_path, out_path, report_dir, identity_path=identity_path,
+                          progress=progress, overwrite=overwrite,
+                          show_original=report_show_original, extra_json={"deid.json": summary})
+        except BaseException:  # interrupted or failed: no video without its report
+            pathlib.Path(out_path).unlink(missing_ok=True)
+            raise
     return summary
 
 

@@ -40,6 +40,10 @@ class TPSMMConfig:
 
     def __post_init__(self):
         _check_types(self)
+        for name, (low, high) in MODEL_LIMITS.items():
+            if not low <= getattr(self, name) <= high:
+                raise SafeTriageError(f"The model config's {name} must be from {low} to {high} "
+                                      f"(got {getattr(self, name)}).")
         if self.warp_implementation is not None:
             from safetriage_jax.kernels.grid_sample import api
             known = sorted(set(api.IMPLEMENTATIONS) | set(api.UNAVAILABLE))
@@ -90,6 +94,29 @@ class TPSMMConfig:
         return cls(**dict(values))
 
 
+# Sizes a model may have (beyond them a run only ends in an out-of-memory crash).
+MODEL_LIMITS = {"image_size": (32, 4096), "num_tps": (1, 64), "num_channels": (1, 4),
+                "generator_block_expansion": (1, 4096), "generator_max_features": (1, 8192),
+                "num_down_blocks": (1, 6), "dense_block_expansion": (1, 4096),
+                "dense_max_features": (1, 8192), "dense_num_blocks": (1, 8),
+                "id_bottle_size": (1, 4096), "pose_bottle_size": (1, 4096)}
+# Training settings: upper bounds a real run stays far below (a typo would otherwise run out
+# of memory after minutes of data preparation).
+TRAIN_LIMITS = {"model.image_size": (32, 1024), "data.size": (32, 1024),
+                "train.batch_size": (1, 4096), "train.num_steps": (0, 10 ** 8),
+                "train.num_epochs": (0, 10 ** 6), "train.micro_batches": (1, 4096)}
+
+
+def check_limits(c, limits):
+    """Raises ValueError naming the first ``a.b`` key of ConfigDict ``c`` outside its range."""
+    for key, (low, high) in limits.items():
+        node = c
+        for name in key.split("."):
+            node = node[name] if hasattr(node, "keys") and name in node else None
+        if node is not None and not low <= node <= high:
+            raise ValueError(f"{key} must be from {low} to {high} (got {node}).")
+
+
 def _check_types(config):
     """Raises unless every field holds its declared type (an int is also a valid float)."""
     for field in dataclasses.fields(config):
@@ -135,10 +162,9 @@ def _check_yaml_keys(path, params):
 
 def from_upstream_yaml(path, image_size=None) -> TPSMMConfig:
     """Reads upstream TPSMM's YAML (``model_params``); image size from the name (ted-384) or 256."""
-    path = pathlib.Path(path)
-    if not path.is_file():
-        raise SafeTriageError(f"Config file {path} does not exist; pass an upstream TPSMM YAML "
-                              "(e.g. config/vox-256.yaml) or one of configs/*.py.")
+    from safetriage_jax.inputs import require_file
+    path = require_file(path, "Config file", "Pass an upstream TPSMM YAML (e.g. "
+                        "config/vox-256.yaml) or one of configs/*.py.")
     try:
         raw = yaml.safe_load(path.read_text())
         params = raw["model_params"]
@@ -147,7 +173,12 @@ def from_upstream_yaml(path, image_size=None) -> TPSMMConfig:
         gen = params["generator_params"]
         dense = params["dense_motion_params"]
         avd = params.get("avd_network_params", {})
-    except (yaml.YAMLError, KeyError, TypeError) as err:
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(err, "problem", None) or type(err).__name__
+        raise SafeTriageError(f"{path} is not valid YAML{where}: {problem}.") from None
+    except (KeyError, TypeError) as err:
         raise SafeTriageError(
             f"{path} is not an upstream TPSMM config: expected model_params with common_params, "
             f"generator_params and dense_motion_params ({type(err).__name__}: {err}).") from None
@@ -187,17 +218,29 @@ CONFIGS_DIR = PROJECT_ROOT / "configs"
 
 
 def locate_config(path):
-    """A config file from the working directory, else from the project: ``configs/train.py``
-    and ``train.py`` both find the project's configs/train.py from any working directory."""
-    path = pathlib.Path(path).expanduser()
-    candidates = [path]
-    if not path.is_absolute():
-        candidates += [PROJECT_ROOT / path, CONFIGS_DIR / path.name]
+    """The Python config file to run. A bare name (``train.py``) is looked up in the project's
+    own configs/ only, never in the working directory; a path (``configs/train.py``,
+    ``./mine.py``, ``/abs/x.py``) is taken as given, and ``configs/NAME.py`` falls back to the
+    project's. Only ``.py`` files are run."""
+    text = str(path)
+    path = pathlib.Path(text).expanduser()
+    if path.suffix != ".py":
+        raise SafeTriageError(f"Config {text!r} is not a Python config: pass NAME.py (one of "
+                              f"{', '.join(sorted(p.name for p in CONFIGS_DIR.glob('*.py')))}), "
+                              "a path to a .py file, a preset name or an upstream .yaml.")
+    if len(path.parts) == 1:  # a bare name: the project's configs only
+        candidates = [CONFIGS_DIR / path.name]
+    else:
+        candidates = [path]
+        if not path.is_absolute() and path.parent == pathlib.Path("configs"):
+            candidates.append(CONFIGS_DIR / path.name)
     for candidate in candidates:
         if candidate.is_file():
             return candidate
-    raise SafeTriageError(f"Config file {path} does not exist (looked in the working directory "
-                          f"and in {CONFIGS_DIR}).")
+    where = (f"in {CONFIGS_DIR} (a bare name is looked up only there; write ./{path.name} for "
+             "a file in the working directory)") if len(path.parts) == 1 else \
+        f"(nor in {CONFIGS_DIR})" if len(candidates) > 1 else ""
+    raise SafeTriageError(f"Config file {text} does not exist {where}".rstrip() + ".")
 
 
 def load_python_config(spec):
@@ -208,7 +251,13 @@ def load_python_config(spec):
     path = locate_config(path)
     module_spec = importlib.util.spec_from_file_location(f"_safetriage_config_{path.stem}", path)
     module = importlib.util.module_from_spec(module_spec)
-    module_spec.loader.exec_module(module)
+    try:
+        module_spec.loader.exec_module(module)
+    except Exception as err:  # a syntax error or a failing import in the user's config file
+        raise SafeTriageError(f"Config file {path} could not be loaded ({type(err).__name__}: "
+                              f"{str(err).splitlines()[0] if str(err) else ''}).") from None
+    if not callable(getattr(module, "get_config", None)):
+        raise SafeTriageError(f"Config file {path} has no get_config() function.")
     try:
         return module.get_config(arg) if arg else module.get_config()
     except (ValueError, KeyError, TypeError, AttributeError) as err:
@@ -296,5 +345,7 @@ def load_model_config(spec, image_size=None) -> TPSMMConfig:
         return from_upstream_yaml(spec, image_size)
     if spec.partition(":")[0].endswith(".py"):
         return _from_python_config(spec)
+    if spec.partition(":")[2] or "/" in spec:  # a path with a variant, but not a .py file
+        locate_config(spec.partition(":")[0])
     raise SafeTriageError(f"Unknown config {spec!r}: pass an upstream YAML file, a configs/*.py "
                           f"file (optionally :variant), or one of {', '.join(PRESETS)}.")
