@@ -6,7 +6,9 @@ an orbax checkpoint (``variables/``, the default) or as ``model.safetensors``, o
 
 import dataclasses
 import json
+import os
 import pathlib
+import re
 
 import jax
 import numpy as np
@@ -25,10 +27,12 @@ PROMPT_PARAMS_DIR = "params"
 
 
 
-def _write_directory(out_dir, overwrite, fill, inputs=()):
+def _write_directory(out_dir, overwrite, fill, inputs=(), tree=None):
     """Creates ``out_dir`` whole or not at all; an existing one is replaced only if it carries
-    this tool's mark (outputs.is_ours)."""
-    with outputs.atomic_directory(out_dir, overwrite=overwrite, inputs=inputs) as staging:
+    this tool's mark (outputs.is_ours). ``tree``: the arrays to write (their size must fit)."""
+    size = sum(np.asarray(v).nbytes for v in jax.tree.leaves(tree)) if tree is not None else 0
+    with outputs.atomic_directory(out_dir, overwrite=overwrite, inputs=inputs,
+                                  need_bytes=size) as staging:
         fill(staging)
     return pathlib.Path(out_dir).expanduser().resolve()
 
@@ -38,8 +42,15 @@ def _save_tree(directory, tree):
     # and orbax's default barriers would wait for every process.
     alone = ocp.options.MultiprocessingOptions(primary_host=jax.process_index(),
                                                active_processes={jax.process_index()})
-    with ocp.StandardCheckpointer(multiprocessing_options=alone) as checkpointer:
-        checkpointer.save(directory, jax.tree.map(np.asarray, tree))
+    try:
+        with ocp.Checkpointer(ocp.StandardCheckpointHandler(),  # synchronous: a failed
+                              multiprocessing_options=alone) as checkpointer:  # write ends here
+            checkpointer.save(directory, args=ocp.args.StandardSave(jax.tree.map(np.asarray, tree)))
+    except Exception as err:  # orbax reports a failed write as a ValueError with the OS code
+        code = re.search(r"os_error_code='(\d+)'", str(err))
+        if code:
+            raise OSError(int(code.group(1)), os.strerror(int(code.group(1)))) from None
+        raise
 
 
 def _restore_tree(directory, what):
@@ -64,7 +75,7 @@ def save_model(out_dir, config: TPSMMConfig, variables, *, safetensors=False, ov
             flat = traverse_util.flatten_dict(jax.tree.map(np.asarray, variables), sep="/")
             save_file({k: np.ascontiguousarray(v) for k, v in flat.items()},
                       str(staging / SAFETENSORS_FILE))
-    return _write_directory(out_dir, overwrite, fill, inputs)
+    return _write_directory(out_dir, overwrite, fill, inputs, variables)
 
 
 def save_prompt(out_dir, config, params, *, info=None, overwrite=True):
@@ -73,7 +84,7 @@ def save_prompt(out_dir, config, params, *, info=None, overwrite=True):
         (staging / CONFIG_FILE).write_text(config.to_json())
         (staging / "info.json").write_text(json.dumps(info or {}, indent=2))
         _save_tree(staging / PROMPT_PARAMS_DIR, params)
-    return _write_directory(out_dir, overwrite, fill)
+    return _write_directory(out_dir, overwrite, fill, tree=params)
 
 
 def load_prompt(prompt_dir):

@@ -1,6 +1,7 @@
 """The ``safetriage`` command line: a thin layer over the library; errors print without traceback."""
 
 import argparse
+import logging
 import os
 import pathlib
 import signal
@@ -399,6 +400,7 @@ def main(argv=None):
         with warnings.catch_warnings():
             if not sys.warnoptions and not os.environ.get("PYTHONWARNINGS"):
                 warnings.simplefilter("ignore")  # library warnings are not for users; -W shows them
+                logging.getLogger("absl").setLevel(logging.CRITICAL)  # orbax logs its failures too
             args.func(args)
     except OutputExistsError as err:
         _report(f"error: {err} (pass --overwrite to replace it)")

@@ -25,6 +25,7 @@ import pathlib
 import re
 import secrets
 import shutil
+import time
 
 from safetriage_jax.errors import SafeTriageError
 
@@ -257,10 +258,10 @@ def _staged(out, kind):
         yield staging
         _move_into_place(staging, out, kind, existed)
     except OSError as err:
-        _remove(staging)
+        _remove(staging, settle=True)
         raise _write_error(out, err) from None
     except BaseException:
-        _remove(staging)
+        _remove(staging, settle=True)
         raise
 
 
@@ -326,11 +327,19 @@ def _fallback_noreplace(source, target):
     return 0
 
 
-def _remove(path):
-    if path.is_dir() and not path.is_symlink():
-        shutil.rmtree(path, ignore_errors=True)
-    elif path.exists() or path.is_symlink():
-        path.unlink(missing_ok=True)
+def _remove(path, settle=False):
+    """Deletes a file or folder. ``settle``: after a failed write, background writers (orbax's
+    TensorStore threads) may still add files for a moment, so try again until it stays gone."""
+    for _ in range(20 if settle else 1):
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path, ignore_errors=True)
+        elif path.exists() or path.is_symlink():
+            path.unlink(missing_ok=True)
+        if not settle:
+            return
+        time.sleep(0.1)
+        if not (path.exists() or path.is_symlink()):
+            return
 
 
 def write_json(out, data, **checks):

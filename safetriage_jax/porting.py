@@ -245,7 +245,8 @@ def port_to_directory(checkpoint_path, config: TPSMMConfig, out_dir, *, safetens
     an input or a folder holding one; replaced only if it is a model directory)."""
     from safetriage_jax import checkpoint as ckpt
     inputs = (checkpoint_path, *inputs)
-    outputs.check_output(out_dir, "folder", inputs=inputs, overwrite=overwrite)
+    size = pathlib.Path(checkpoint_path).stat().st_size if pathlib.Path(checkpoint_path).is_file() else 0
+    outputs.check_output(out_dir, "folder", inputs=inputs, overwrite=overwrite, need_bytes=size)
     variables = port_checkpoint(checkpoint_path, config)
     return ckpt.save_model(out_dir, config, variables, safetensors=safetensors,
                            overwrite=overwrite, inputs=inputs)
