@@ -2,6 +2,7 @@
 
 import contextlib
 import fractions
+import re
 import warnings
 
 import av
@@ -37,7 +38,12 @@ def read_image(path):
                         f"Image {path} is {width}x{height} px ({width * height / 1e6:.0f} MP); at "
                         f"most {MAX_IMAGE_PIXELS / 1e6:.0f} MP is read. Scale it down first.")
                 rgb = _to_rgb8(image)
-    except (UnidentifiedImageError, OSError, Image.DecompressionBombError) as err:
+    except Image.DecompressionBombError as err:  # a header claiming over 2x Pillow's limit
+        claimed = re.search(r"\((\d+) pixels\)", str(err))
+        size = f" (its header claims {int(claimed.group(1)) / 1e6:.0f} MP)" if claimed else ""
+        raise SafeTriageError(f"Image {path} is too large{size}; at most "
+                              f"{MAX_IMAGE_PIXELS / 1e6:.0f} MP is read. Scale it down first.") from None
+    except (UnidentifiedImageError, OSError) as err:
         raise SafeTriageError(f"Could not read {path} as an image ({err}); pass a PNG or JPEG.") from None
     _check_size(rgb.shape[1], rgb.shape[0], f"Image {path}")
     return rgb

@@ -228,7 +228,8 @@ def locate_config(path):
         raise SafeTriageError(f"Config {text!r} is not a Python config: pass NAME.py (one of "
                               f"{', '.join(sorted(p.name for p in CONFIGS_DIR.glob('*.py')))}), "
                               "a path to a .py file, a preset name or an upstream .yaml.")
-    if len(path.parts) == 1:  # a bare name: the project's configs only
+    bare = "/" not in text  # ``train.py``; ``./train.py`` is a path in the working directory
+    if bare:  # a bare name: the project's configs only
         candidates = [CONFIGS_DIR / path.name]
     else:
         candidates = [path]
@@ -238,7 +239,7 @@ def locate_config(path):
         if candidate.is_file():
             return candidate
     where = (f"in {CONFIGS_DIR} (a bare name is looked up only there; write ./{path.name} for "
-             "a file in the working directory)") if len(path.parts) == 1 else \
+             "a file in the working directory)") if bare else \
         f"(nor in {CONFIGS_DIR})" if len(candidates) > 1 else ""
     raise SafeTriageError(f"Config file {text} does not exist {where}".rstrip() + ".")
 
