@@ -371,3 +371,62 @@ def test_an_unreachable_coordinator_is_one_error_line_in_bounded_time(tmp_path):
     assert done.stderr.startswith("error:") and done.stderr.count("\n") == 1, done.stderr
     assert f"127.0.0.1:{port}" in done.stderr and "--coordinator-timeout" in done.stderr
     assert not (tmp_path / "run").exists()
+
+
+def _cli_subprocess(argv, file_size_limit=None, **kwargs):
+    """The CLI in a child process; ``file_size_limit``: bytes any one file may grow to (writes
+    beyond fail like on a full disk)."""
+    import subprocess
+    import sys
+    prelude = ""
+    if file_size_limit:
+        prelude = ("import resource, signal; signal.signal(signal.SIGXFSZ, signal.SIG_IGN); "
+                   f"resource.setrlimit(resource.RLIMIT_FSIZE, ({file_size_limit}, "
+                   f"{file_size_limit})); ")
+    script = prelude + "import sys; from safetriage_jax import cli; sys.exit(cli.main(sys.argv[1:]))"
+    return subprocess.Popen([sys.executable, "-c", script, *map(str, argv)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **kwargs)
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tmp_path_factory, tiny_variables):
+    from conftest import TINY
+    return checkpoint.save_model(tmp_path_factory.mktemp("model") / "tiny", TINY, tiny_variables)
+
+
+def test_sigterm_is_handled_like_ctrl_c_and_leaves_nothing(tmp_path, tiny_model):
+    import signal
+    import time
+    out = tmp_path / "out" / "animation.mp4"
+    out.parent.mkdir()
+    child = _cli_subprocess(["animate", "--checkpoint", tiny_model, "--source",
+                             SAMPLES / "source.png", "--driving", SAMPLES / "driving.mp4",
+                             "--out", out, "--batch", "1"])
+    deadline = time.monotonic() + 300
+    while not any(".partial" in p.name for p in out.parent.iterdir()):  # writing has begun
+        assert child.poll() is None and time.monotonic() < deadline, child.communicate()
+        time.sleep(0.02)
+    child.send_signal(signal.SIGTERM)
+    _, err = child.communicate(timeout=120)
+    assert child.returncode == 130 and "interrupted" in err and "Traceback" not in err, err
+    assert list(out.parent.iterdir()) == []
+
+
+def test_a_full_disk_in_the_report_stage_leaves_neither_video_nor_report(tmp_path, tiny_model):
+    frames_video = tmp_path / "in.mp4"
+    with VideoReader(SAMPLES / "driving.mp4") as reader:
+        frames = [f for _, f in zip(range(4), reader)]
+    from safetriage_jax.video import video_writer
+    with video_writer(frames_video, 25, frames[0].shape[1], frames[0].shape[0]) as write:
+        write(frames)
+    out = tmp_path / "out"
+    child = _cli_subprocess(["deid", "--input", frames_video, "--identity", SAMPLES / "source.png",
+                             "--checkpoint", tiny_model, "--out", out / "deid.mp4", "--report",
+                             out / "report"], file_size_limit=60_000)
+    _, err = child.communicate(timeout=600)
+    assert child.returncode == 2, err
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert lines[-1].startswith(f"error: Could not write {out / 'report'}: File too large; "
+                                "nothing was written"), err  # the video came first: removed
+    assert "Traceback" not in err and "Warning" not in err, err
+    assert not out.exists() or list(out.iterdir()) == []
