@@ -8,7 +8,6 @@ import dataclasses
 import json
 import os
 import pathlib
-import re
 
 import jax
 import numpy as np
@@ -47,9 +46,9 @@ def _save_tree(directory, tree):
                               multiprocessing_options=alone) as checkpointer:  # write ends here
             checkpointer.save(directory, args=ocp.args.StandardSave(jax.tree.map(np.asarray, tree)))
     except Exception as err:  # orbax reports a failed write as a ValueError with the OS code
-        code = re.search(r"os_error_code='(\d+)'", str(err))
+        code = outputs.os_error_code(err)
         if code:
-            raise OSError(int(code.group(1)), os.strerror(int(code.group(1)))) from None
+            raise OSError(code, os.strerror(code)) from None
         raise
 
 

@@ -205,9 +205,22 @@ def check_output(out, kind, *, inputs=(), overwrite=False, need_bytes=0):
     return out
 
 
+def os_error_code(err):
+    """The errno of a failed write: an OSError's, or the one orbax/TensorStore put in the text
+    of their ValueError (``os_error_code='28'``); None for other errors."""
+    if isinstance(err, OSError):
+        return err.errno
+    found = re.search(r"os_error_code='(\d+)'", str(err))
+    return int(found.group(1)) if found else None
+
+
+def describe_os_error(code):
+    return {errno.ENOSPC: "the disk is full", errno.EROFS: "the file system is read-only",
+            errno.EDQUOT: "the disk quota is exceeded"}.get(code, os.strerror(code) if code else "")
+
+
 def _write_error(out, err):
-    reason = {errno.ENOSPC: "the disk is full", errno.EROFS: "the file system is read-only",
-              errno.EDQUOT: "the disk quota is exceeded"}.get(err.errno, err.strerror or str(err))
+    reason = describe_os_error(err.errno) or err.strerror or str(err)
     return SafeTriageError(f"Could not write {out}: {reason}; nothing was written.")
 
 

@@ -430,3 +430,29 @@ def test_a_full_disk_in_the_report_stage_leaves_neither_video_nor_report(tmp_pat
                                 "nothing was written"), err  # the video came first: removed
     assert "Traceback" not in err and "Warning" not in err, err
     assert not out.exists() or list(out.iterdir()) == []
+
+
+def test_a_full_disk_during_training_is_one_clear_error(tmp_path):
+    import errno
+    from safetriage_jax import outputs
+    from safetriage_jax.train.loop import owned_workdir
+    with pytest.raises(SafeTriageError, match=r"Training stopped: .* \(the disk is full\).*--resume"):
+        with owned_workdir(tmp_path / "run"):
+            with open("/dev/full", "w") as full:  # a real ENOSPC from the kernel
+                full.write("metrics\n")
+    code = outputs.os_error_code(ValueError("Failed to write [os_error_code='28']"))
+    assert code == errno.ENOSPC  # orbax's form of the same error
+
+
+def test_an_error_during_a_progress_bar_starts_its_own_line(tmp_path, capsys, tiny_model):
+    truncated = tmp_path / "truncated.mp4"
+    data = (SAMPLES / "driving.mp4").read_bytes()
+    truncated.write_bytes(data[: len(data) * 3 // 10])
+    code = cli.main(["deid", "--input", str(truncated), "--identity", str(SAMPLES / "source.png"),
+                     "--checkpoint", str(tiny_model), "--out", str(tmp_path / "o.mp4")])
+    err = capsys.readouterr().err
+    assert code == 2 and "find face" in err  # the bar was drawn
+    lines = err.replace("\r", "\n").splitlines()
+    errors = [line for line in lines if "error:" in line]
+    assert len(errors) == 1 and errors[0].startswith("error:") and "truncated" in errors[0], err
+    assert "Warning" not in err and "Traceback" not in err

@@ -200,8 +200,16 @@ def owned_workdir(workdir):
         yield
         return
     outputs.claim_folder(workdir)
-    with outputs.folder_lock(workdir):
-        yield
+    try:
+        with outputs.folder_lock(workdir):
+            yield
+    except Exception as err:
+        code = outputs.os_error_code(err)
+        if code is None or isinstance(err, SafeTriageError):
+            raise
+        raise SafeTriageError(f"Training stopped: could not write in {workdir} "
+                              f"({outputs.describe_os_error(code)}). The checkpoints written "
+                              "before are kept: make room and continue with --resume.") from None
 
 
 def train(config, workdir, *, resume=False, progress=True, trainer=None):
