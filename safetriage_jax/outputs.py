@@ -34,6 +34,7 @@ MIN_FREE_BYTES = 1 << 20  # below this the output location counts as full
 TOOL = "safetriage-jax"
 MARK_KEY = "safetriage_output"  # the mark's key in JSON objects, npz files and torch payloads
 MARKER_FILE = ".safetriage-output"  # the mark of a folder (JSON: {"safetriage_output": mark})
+LOCK_FILE = ".safetriage-lock"  # held by the run using a work directory
 VIDEO_TAG = "comment"  # the container tag that holds a video's mark
 _MARK = re.compile(rf"{re.escape(TOOL)}:[0-9a-f]{{32}}")
 # What each kind of output may be called: the writers make exactly these formats.
@@ -65,8 +66,13 @@ def is_ours(path, kind):
     path = pathlib.Path(path)
     try:
         if kind == "folder":
-            return path.is_dir() and is_mark(json.loads(
-                (path / MARKER_FILE).read_text()).get(MARK_KEY))
+            marker = json.loads((path / MARKER_FILE).read_text())
+            if not is_mark(marker.get(MARK_KEY)):
+                return False
+            written = set(marker.get("entries", ())) | {MARKER_FILE, LOCK_FILE}
+            # A folder filled over time (a work directory) lists no entries; a folder written
+            # whole lists them, and anything added since (a user's notes) keeps it safe.
+            return "entries" not in marker or {p.name for p in path.iterdir()} <= written
         if not path.is_file():
             return False
         if kind == "json":
@@ -161,6 +167,8 @@ def check_output(out, kind, *, inputs=(), overwrite=False, need_bytes=0):
     bound on the output's size, checked against the free space.
     """
     folder = kind == "folder"
+    if folder is False and _resolved(out).is_dir():
+        raise SafeTriageError(f"{_resolved(out)} is a folder; the output must be a file path.")
     check_name(out, kind)
     out = _resolved(out)
     what = "folder" if folder else "file"
@@ -189,9 +197,10 @@ def check_output(out, kind, *, inputs=(), overwrite=False, need_bytes=0):
             raise OutputExistsError(f"The output {what} {out} already exists; choose another path "
                                     "or ask for it to be overwritten.")
         elif not is_ours(out, kind):
+            extra = ", or it holds files the tool did not put there" if folder else ""
             raise SafeTriageError(f"{out} exists and is not a {what} this tool wrote (it has no "
-                                  "safetriage mark), so it is never replaced; choose another "
-                                  "output path.")
+                                  f"safetriage mark{extra}), so it is never replaced; choose "
+                                  "another output path.")
     location = _existing_ancestor(out.parent)
     if not location.is_dir():
         raise SafeTriageError(f"Cannot create {out}: {location} is a file, not a folder.")
@@ -242,16 +251,20 @@ def atomic_file(out, kind, **checks):
 
 @contextlib.contextmanager
 def atomic_directory(out, **checks):
-    """Yields an empty staging folder (holding only its mark) beside ``out``; on success it
-    replaces ``out`` whole."""
+    """Yields an empty staging folder beside ``out``; on success it gets the mark (listing
+    what was written) and replaces ``out`` whole."""
     out = check_output(out, "folder", **checks)
     with _staged(out, "folder") as staging:
         yield staging
 
 
-def write_marker(folder):
-    """Puts a fresh mark in ``folder`` (:data:`MARKER_FILE`)."""
-    (pathlib.Path(folder) / MARKER_FILE).write_text(json.dumps({MARK_KEY: new_mark()}) + "\n")
+def write_marker(folder, entries=None):
+    """Puts a fresh mark in ``folder`` (:data:`MARKER_FILE`); ``entries``: the names the tool
+    wrote in it (a folder written whole), None for a folder filled over time."""
+    marker = {MARK_KEY: new_mark()}
+    if entries is not None:
+        marker["entries"] = sorted(entries)
+    (pathlib.Path(folder) / MARKER_FILE).write_text(json.dumps(marker) + "\n")
 
 
 @contextlib.contextmanager
@@ -267,8 +280,9 @@ def _staged(out, kind):
     try:
         if kind == "folder":
             staging.mkdir()
-            write_marker(staging)
         yield staging
+        if kind == "folder":
+            write_marker(staging, [p.name for p in staging.iterdir()])
         _move_into_place(staging, out, kind, existed)
     except OSError as err:
         _remove(staging, settle=True)
@@ -362,8 +376,6 @@ def write_json(out, data, **checks):
         staging.write_text(marked_json(data) + "\n")
     return _resolved(out)
 
-
-LOCK_FILE = ".safetriage-lock"
 
 
 def claim_folder(folder, *, inputs=()):

@@ -112,16 +112,21 @@ def test_export_weights_refuses_a_video_a_folder_and_leaves_no_partial(tmp_path,
                                                                        fixture_model_dir):
     video = tmp_path / "clip.mp4"
     video.write_bytes((SAMPLES / "driving.mp4").read_bytes())
+    theirs = tmp_path / "downloaded.pth.tar"
+    theirs.write_bytes((FIXTURE / "checkpoint.pth.tar").read_bytes())
     code, err = _run(capsys, "export-weights", "--checkpoint", fixture_model_dir, "--out", video)
+    assert code == 2 and "written as .pth.tar" in err
+    code, err = _run(capsys, "export-weights", "--checkpoint", fixture_model_dir, "--out", theirs)
     assert code == 2 and "already exists" in err and "--overwrite" in err
-    code, err = _run(capsys, "export-weights", "--checkpoint", fixture_model_dir, "--out", video,
+    code, err = _run(capsys, "export-weights", "--checkpoint", fixture_model_dir, "--out", theirs,
                      "--overwrite")
     assert code == 2 and "not a file this tool wrote" in err
     code, err = _run(capsys, "export-weights", "--checkpoint", fixture_model_dir, "--out",
                      tmp_path)
     assert code == 2 and "is a folder" in err
     assert video.read_bytes() == (SAMPLES / "driving.mp4").read_bytes()
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["clip.mp4"]
+    assert theirs.read_bytes() == (FIXTURE / "checkpoint.pth.tar").read_bytes()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["clip.mp4", "downloaded.pth.tar"]
 
 
 def test_a_truncated_video_is_an_error_not_a_short_output(tmp_path):
