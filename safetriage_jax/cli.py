@@ -24,9 +24,10 @@ Start here:
 
 Outputs are written whole or not at all, never over an input, and an existing output is
 replaced only with --overwrite and only if this tool wrote it (it carries the tool's mark).
-With --paste-back every face but the subject's is masked black. Safe to share: the de-identified video (audio and metadata
-dropped by default) and the report (the original's face masked, file names only). Not safe:
-the patient's video, face-crop inputs, and reports made with --report-show-original.
+With --paste-back every face but the subject's is masked black. Safe to share: the
+de-identified video (audio and metadata dropped by default) and the report (the original's
+face masked, file names only). Not safe: the patient's video, face-crop inputs, and reports
+made with --report-show-original.
 """
 
 

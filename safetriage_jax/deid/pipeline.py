@@ -5,8 +5,9 @@ per frame. The second crops, animates the identity image with the crops (batched
 writes either the generated crops or the full frames with the face pasted back. Frames with no
 face are written black, never as the original. One face is the subject (``--subject``: the
 largest by default); with paste-back every frame is searched whole and every other face found
-is masked black, so no face of the original passes through. Only video is written unless audio is asked
-for: audio and metadata are dropped (a voice or a recording's tags can identify a person too).
+is masked black, so no face of the original passes through. Only video is written unless audio
+is asked for: audio and metadata are dropped (a voice or a recording's tags can identify a
+person too).
 """
 
 import dataclasses
