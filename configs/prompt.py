@@ -12,7 +12,8 @@ import dataclasses
 
 import ml_collections
 
-from safetriage_jax.config_loader import apply_overrides, split_config_arg
+from safetriage_jax.config_loader import (TRAIN_LIMITS, apply_overrides, check_limits,
+                                           split_config_arg)
 from safetriage_jax.models.prompt import PromptConfig
 
 
@@ -68,7 +69,8 @@ def get_config(arg: str = "vox-256") -> ml_collections.ConfigDict:
 
 
 def check(c):
-    """Raises ValueError for settings that cannot train (no steps, no batch)."""
+    """Raises ValueError for settings that cannot train (no steps, no batch, sizes too large)."""
+    check_limits(c, TRAIN_LIMITS)
     if c.train.num_steps < 1:
         raise ValueError(f"train.num_steps must be at least 1 (got {c.train.num_steps}): no "
                          "steps would leave an untrained prompt generator.")

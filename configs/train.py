@@ -12,7 +12,8 @@ import dataclasses
 
 import ml_collections
 
-from safetriage_jax.config_loader import apply_overrides, split_config_arg
+from safetriage_jax.config_loader import (TRAIN_LIMITS, apply_overrides, check_limits,
+                                           split_config_arg)
 from safetriage_jax.models.config import PRESETS, TPSMMConfig
 
 
@@ -99,6 +100,7 @@ def get_config(arg: str = "vox-256") -> ml_collections.ConfigDict:
 
 def check(c):
     """Raises ValueError for settings that contradict each other or cannot train."""
+    check_limits(c, TRAIN_LIMITS)
     if c.data.size != c.model.image_size:
         raise ValueError(f"data.size ({c.data.size}) and model.image_size ({c.model.image_size}) "
                          "must agree: the model is trained on frames of data.size pixels.")

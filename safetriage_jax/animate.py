@@ -19,7 +19,7 @@ from safetriage_jax.model_dir import load_model
 from safetriage_jax.models import prompt as prompt_lib
 from safetriage_jax.models.policy import Policy
 from safetriage_jax.models.tpsmm import TPSMM
-from safetriage_jax.video import VideoReader, is_video, read_image, video_writer
+from safetriage_jax.video import VideoReader, read_image, video_writer
 
 MODES = ("relative", "standard", "avd")
 MAX_BATCH = 4096
@@ -160,7 +160,7 @@ def animate_video(model_dir, source_path, driving_path, out_path, *, mode="relat
     ``overwrite``: replace an existing video at ``out_path`` (never one of the inputs)."""
     check_batch_size(batch_size)
     inputs = (model_dir, source_path, driving_path)
-    outputs.check_output(out_path, inputs=inputs, overwrite=overwrite, recognise=is_video)
+    outputs.check_output(out_path, "video", inputs=inputs, overwrite=overwrite)
     config, variables = load_model(model_dir)
     animator = Animator(config, variables, mode, precision=precision,
                         warp_implementation=warp_implementation)

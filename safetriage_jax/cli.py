@@ -1,10 +1,13 @@
 """The ``safetriage`` command line: a thin layer over the library; errors print without traceback."""
 
 import argparse
+import logging
 import os
 import pathlib
+import signal
 import sys
 import time
+import warnings
 
 from safetriage_jax.errors import SafeTriageError
 
@@ -20,9 +23,11 @@ Start here:
   safetriage deid --input patient.mp4 --identity synthetic.png --out deid.mp4 --report report/
 
 Outputs are written whole or not at all, never over an input, and an existing output is
-replaced only with --overwrite. Safe to share: the de-identified video (audio and metadata
-dropped by default) and the report (the original's face masked, file names only). Not safe:
-the patient's video, face-crop inputs, and reports made with --report-show-original.
+replaced only with --overwrite and only if this tool wrote it (it carries the tool's mark).
+With --paste-back every face but the subject's is masked black. Safe to share: the
+de-identified video (audio and metadata dropped by default) and the report (the original's
+face masked, file names only). Not safe: the patient's video, face-crop inputs, and reports
+made with --report-show-original.
 """
 
 
@@ -72,7 +77,7 @@ def cmd_export_weights(args):
     from safetriage_jax.model_dir import load_model
     from safetriage_jax.outputs import check_output
     from safetriage_jax.porting import export_checkpoint
-    check_output(args.out, inputs=(args.checkpoint,), overwrite=args.overwrite)
+    check_output(args.out, "torch", inputs=(args.checkpoint,), overwrite=args.overwrite)
     _, variables = load_model(args.checkpoint)
     export_checkpoint(variables, args.out, overwrite=args.overwrite, inputs=(args.checkpoint,))
     print(f"Wrote upstream-layout checkpoint {args.out}.")
@@ -119,7 +124,8 @@ def _run_training(args, train_fn, what, result, hint=""):
     from safetriage_jax.config_loader import load_python_config
     from safetriage_jax.train import distributed
     distributed.initialize(distributed.launch_settings(
-        args.coordinator_address, args.num_processes, args.process_id), auto=args.distributed)
+        args.coordinator_address, args.num_processes, args.process_id), auto=args.distributed,
+        timeout_s=args.coordinator_timeout)
     if not jax.config.jax_compilation_cache_dir:  # restarts and --resume skip recompiling
         jax.config.update("jax_compilation_cache_dir",
                           str(pathlib.Path("~/.cache/safetriage-jax/xla").expanduser()))
@@ -149,13 +155,12 @@ def cmd_evaluate(args):
     from safetriage_jax.config_loader import load_python_config
     from safetriage_jax.train.evaluate import evaluate_model_directory
     if args.out:
-        outputs.check_output(args.out, inputs=(args.model,), overwrite=args.overwrite)
+        outputs.check_output(args.out, "json", inputs=(args.model,), overwrite=args.overwrite)
     metrics = evaluate_model_directory(load_python_config(args.config), args.model,
                                        split=args.split, num_clips=args.num_clips)
-    text = json.dumps(metrics, indent=2)
-    print(text)
+    print(json.dumps(metrics, indent=2))
     if args.out:
-        outputs.write_text(args.out, text + "\n", inputs=(args.model,), overwrite=args.overwrite)
+        outputs.write_json(args.out, metrics, inputs=(args.model,), overwrite=args.overwrite)
 
 
 def cmd_deid(args):
@@ -169,7 +174,8 @@ def cmd_deid(args):
     options = DeidOptions(mode=args.mode, reference=args.reference, paste_back=args.paste_back,
                           detector=args.detector, keep_audio=args.keep_audio,
                           batch_size=args.batch, warp_implementation=args.warp_implementation,
-                          precision=args.precision, framing=FramingOptions(scale=args.crop_scale))
+                          precision=args.precision, framing=FramingOptions(scale=args.crop_scale),
+                          subject=args.subject)
     summary = deidentify(args.input, args.identity, args.out, checkpoint, options=options,
                          prompt_dir=args.prompt_checkpoint, report_dir=args.report,
                          overwrite=args.overwrite,
@@ -279,6 +285,10 @@ def build_parser():
                        help="multi-host: processes in the run (or $SAFETRIAGE_NUM_PROCESSES)")
         p.add_argument("--process-id", default=None, metavar="I",
                        help="multi-host: this process, 0..N-1 (or $SAFETRIAGE_PROCESS_ID)")
+        p.add_argument("--coordinator-timeout", type=_bounded(float, 1, 24 * 3600), default=300,
+                       metavar="SECONDS",
+                       help="multi-host: how long to wait for the coordinator and every "
+                            "process to join before giving up with an error (default 300)")
         p.set_defaults(func=func)
 
     add_training("train", "train the backbone (configs/train.py:VARIANT)",
@@ -317,6 +327,10 @@ def build_parser():
     p.add_argument("--crop-scale", type=_framing_range("scale"), default=1.8,
                    help="crop side / face box side (1.2 to 5); with --paste-back, frames where "
                         "the square would not cover the whole face are blanked")
+    p.add_argument("--subject", default="largest", metavar="largest|center|X0,Y0,X1,Y1",
+                   help="the patient's face when several are found: the largest (default), the "
+                        "one nearest the frame's centre, or the one in this box (frame pixels); "
+                        "with --paste-back every other face is masked black")
     p.add_argument("--keep-audio", action="store_true",
                    help="copy the input's audio (re-encoded AAC); dropped by default: voices identify")
     p.add_argument("--detector", default="hog", choices=["hog", "centerface"],
@@ -358,6 +372,22 @@ def build_parser():
     return parser
 
 
+def _stop_on_sigterm(signum, frame):
+    raise KeyboardInterrupt  # SIGTERM ends a run like Ctrl-C: staged outputs are removed
+
+
+def _end_progress_bars():
+    """Closes the progress bars still open, so a message starts on a line of its own."""
+    from tqdm import tqdm
+    for bar in list(getattr(tqdm, "_instances", ())):
+        bar.close()
+
+
+def _report(message):
+    _end_progress_bars()
+    print(message, file=sys.stderr, flush=True)
+
+
 def main(argv=None):
     from safetriage_jax.outputs import OutputExistsError
     try:
@@ -365,16 +395,27 @@ def main(argv=None):
     except SystemExit as exit:  # --help, --version, or a usage error (already printed)
         return exit.code
     try:
-        args.func(args)
+        previous = signal.signal(signal.SIGTERM, _stop_on_sigterm)
+    except ValueError:  # not the main thread: signals stay as they are
+        previous = None
+    try:
+        with warnings.catch_warnings():
+            if not sys.warnoptions and not os.environ.get("PYTHONWARNINGS"):
+                warnings.simplefilter("ignore")  # library warnings are not for users; -W shows them
+                logging.getLogger("absl").setLevel(logging.CRITICAL)  # orbax logs its failures too
+            args.func(args)
     except OutputExistsError as err:
-        print(f"error: {err} (pass --overwrite to replace it)", file=sys.stderr)
+        _report(f"error: {err} (pass --overwrite to replace it)")
         return 2
     except SafeTriageError as err:
-        print(f"error: {err}", file=sys.stderr)
+        _report(f"error: {err}")
         return 2
     except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
+        _report("interrupted; nothing half-written was left")
         return 130
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
     return 0
 
 

@@ -11,17 +11,30 @@ CONFIGS_DIR = PROJECT_ROOT / "configs"
 
 
 def locate_config(path):
-    """A config file from the working directory, else from the project: ``configs/train.py``
-    and ``train.py`` both find the project's configs/train.py from any working directory."""
-    path = pathlib.Path(path).expanduser()
-    candidates = [path]
-    if not path.is_absolute():
-        candidates += [PROJECT_ROOT / path, CONFIGS_DIR / path.name]
+    """The Python config file to run. A bare name (``train.py``) is looked up in the project's
+    own configs/ only, never in the working directory; a path (``configs/train.py``,
+    ``./mine.py``, ``/abs/x.py``) is taken as given, and ``configs/NAME.py`` falls back to the
+    project's. Only ``.py`` files are run."""
+    text = str(path)
+    path = pathlib.Path(text).expanduser()
+    if path.suffix != ".py":
+        raise SafeTriageError(f"Config {text!r} is not a Python config: pass NAME.py (one of "
+                              f"{', '.join(sorted(p.name for p in CONFIGS_DIR.glob('*.py')))}), "
+                              "a path to a .py file, a preset name or an upstream .yaml.")
+    bare = "/" not in text  # ``train.py``; ``./train.py`` is a path in the working directory
+    if bare:  # a bare name: the project's configs only
+        candidates = [CONFIGS_DIR / path.name]
+    else:
+        candidates = [path]
+        if not path.is_absolute() and path.parent == pathlib.Path("configs"):
+            candidates.append(CONFIGS_DIR / path.name)
     for candidate in candidates:
         if candidate.is_file():
             return candidate
-    raise SafeTriageError(f"Config file {path} does not exist (looked in the working directory "
-                          f"and in {CONFIGS_DIR}).")
+    where = (f"in {CONFIGS_DIR} (a bare name is looked up only there; write ./{path.name} for "
+             "a file in the working directory)") if bare else \
+        f"(nor in {CONFIGS_DIR})" if len(candidates) > 1 else ""
+    raise SafeTriageError(f"Config file {text} does not exist {where}".rstrip() + ".")
 
 
 def load_python_config(spec):
@@ -32,7 +45,13 @@ def load_python_config(spec):
     path = locate_config(path)
     module_spec = importlib.util.spec_from_file_location(f"_safetriage_config_{path.stem}", path)
     module = importlib.util.module_from_spec(module_spec)
-    module_spec.loader.exec_module(module)
+    try:
+        module_spec.loader.exec_module(module)
+    except Exception as err:  # a syntax error or a failing import in the user's config file
+        raise SafeTriageError(f"Config file {path} could not be loaded ({type(err).__name__}: "
+                              f"{str(err).splitlines()[0] if str(err) else ''}).") from None
+    if not callable(getattr(module, "get_config", None)):
+        raise SafeTriageError(f"Config file {path} has no get_config() function.")
     try:
         return module.get_config(arg) if arg else module.get_config()
     except (ValueError, KeyError, TypeError, AttributeError) as err:
@@ -101,3 +120,20 @@ def parse_value(current, text):
         raise ValueError(f"is a group of keys ({', '.join(sorted(current.keys()))}); set one of "
                          "them, e.g. key.sub=value.")
     raise ValueError(f"cannot be set from text (it is a {type(current).__name__}).")
+
+
+# Training settings: upper bounds a real run stays far below (a typo would otherwise run out
+# of memory after minutes of data preparation).
+TRAIN_LIMITS = {"model.image_size": (32, 1024), "data.size": (32, 1024),
+                "train.batch_size": (1, 4096), "train.num_steps": (0, 10 ** 8),
+                "train.num_epochs": (0, 10 ** 6), "train.micro_batches": (1, 4096)}
+
+
+def check_limits(c, limits):
+    """Raises ValueError naming the first ``a.b`` key of ConfigDict ``c`` outside its range."""
+    for key, (low, high) in limits.items():
+        node = c
+        for name in key.split("."):
+            node = node[name] if hasattr(node, "keys") and name in node else None
+        if node is not None and not low <= node <= high:
+            raise ValueError(f"{key} must be from {low} to {high} (got {node}).")

@@ -30,22 +30,20 @@ def run_demo(shared, out_dir, *, mode="relative", batch_size=16, precision="floa
     """Writes out_dir/model (kept between runs), animation.mp4, deid.mp4 and report/;
     ``log(line)`` reports each step."""
     from safetriage_jax.animate import animate_video
-    from safetriage_jax.model_dir import is_model_directory, save_model
+    from safetriage_jax.model_dir import save_model
     from safetriage_jax.deid.evaluation import evaluate_deid
     from safetriage_jax.deid.pipeline import DeidOptions, check_outputs, deidentify
     from safetriage_jax.models.config import from_upstream_yaml
     from safetriage_jax.porting import port_checkpoint
-    from safetriage_jax.video import is_video
     shared, out_dir = pathlib.Path(shared), pathlib.Path(out_dir)
     source, driving = shared / DEMO_SAMPLES / "source.png", shared / DEMO_SAMPLES / "driving.mp4"
     model_dir, animation, deid = out_dir / "model", out_dir / "animation.mp4", out_dir / "deid.mp4"
     check_outputs(driving, source, deid, model_dir, report_dir=out_dir / "report",
                   overwrite=overwrite)
-    outputs.check_output(animation, inputs=(source, driving), overwrite=overwrite,
-                         recognise=is_video)
+    outputs.check_output(animation, "video", inputs=(source, driving), overwrite=overwrite)
     log("Demo: RANDOM weights (the shared parity fixture's checkpoint), so the face will not look "
         "real; real weights come from `safetriage port-weights --checkpoint vox.pth.tar`.")
-    if not is_model_directory(model_dir):
+    if not outputs.is_ours(model_dir, "folder"):
         config = from_upstream_yaml(shared / DEMO_FIXTURE / "config.yaml")
         variables = port_checkpoint(shared / DEMO_FIXTURE / "checkpoint.pth.tar", config)
         save_model(model_dir, config, variables, overwrite=overwrite)

@@ -5,6 +5,7 @@ an orbax checkpoint (``variables/``, the default) or as ``model.safetensors``, o
 """
 
 import json
+import os
 import pathlib
 
 import jax
@@ -23,28 +24,13 @@ SAFETENSORS_FILE = "model.safetensors"
 PROMPT_PARAMS_DIR = "params"
 
 
-MODEL_ENTRIES = {CONFIG_FILE, ORBAX_DIR, SAFETENSORS_FILE}
-PROMPT_ENTRIES = {CONFIG_FILE, PROMPT_PARAMS_DIR, "info.json"}
 
-
-def _made_by_us(entries):
-    """A recogniser for outputs.check_output: a folder holding config.json and only ``entries``."""
-    def recognise(folder):
-        names = {p.name for p in pathlib.Path(folder).iterdir()}
-        return CONFIG_FILE in names and names <= entries
-    return recognise
-
-
-def is_model_directory(folder):
-    """Whether ``folder`` looks like a model directory this tool wrote (and nothing else)."""
-    return pathlib.Path(folder).is_dir() and _made_by_us(MODEL_ENTRIES)(folder)
-
-
-def _write_directory(out_dir, overwrite, fill, entries, inputs=()):
-    """Creates ``out_dir`` whole or not at all; an existing one is replaced only if it holds
-    nothing but ``entries`` (a directory this tool wrote)."""
+def _write_directory(out_dir, overwrite, fill, inputs=(), tree=None):
+    """Creates ``out_dir`` whole or not at all; an existing one is replaced only if it carries
+    this tool's mark (outputs.is_ours). ``tree``: the arrays to write (their size must fit)."""
+    size = sum(np.asarray(v).nbytes for v in jax.tree.leaves(tree)) if tree is not None else 0
     with outputs.atomic_directory(out_dir, overwrite=overwrite, inputs=inputs,
-                                  recognise=_made_by_us(entries)) as staging:
+                                  need_bytes=size) as staging:
         fill(staging)
     return pathlib.Path(out_dir).expanduser().resolve()
 
@@ -54,8 +40,15 @@ def _save_tree(directory, tree):
     # and orbax's default barriers would wait for every process.
     alone = ocp.options.MultiprocessingOptions(primary_host=jax.process_index(),
                                                active_processes={jax.process_index()})
-    with ocp.StandardCheckpointer(multiprocessing_options=alone) as checkpointer:
-        checkpointer.save(directory, jax.tree.map(np.asarray, tree))
+    try:
+        with ocp.Checkpointer(ocp.StandardCheckpointHandler(),  # synchronous: a failed
+                              multiprocessing_options=alone) as checkpointer:  # write ends here
+            checkpointer.save(directory, args=ocp.args.StandardSave(jax.tree.map(np.asarray, tree)))
+    except Exception as err:  # orbax reports a failed write as a ValueError with the OS code
+        code = outputs.os_error_code(err)
+        if code:
+            raise OSError(code, os.strerror(code)) from None
+        raise
 
 
 def _restore_tree(directory, what):
@@ -80,7 +73,7 @@ def save_model(out_dir, config: TPSMMConfig, variables, *, safetensors=False, ov
             flat = traverse_util.flatten_dict(jax.tree.map(np.asarray, variables), sep="/")
             save_file({k: np.ascontiguousarray(v) for k, v in flat.items()},
                       str(staging / SAFETENSORS_FILE))
-    return _write_directory(out_dir, overwrite, fill, MODEL_ENTRIES, inputs)
+    return _write_directory(out_dir, overwrite, fill, inputs, variables)
 
 
 def save_prompt(out_dir, config, params, *, info=None, overwrite=True):
@@ -89,7 +82,7 @@ def save_prompt(out_dir, config, params, *, info=None, overwrite=True):
         (staging / CONFIG_FILE).write_text(config.to_json())
         (staging / "info.json").write_text(json.dumps(info or {}, indent=2))
         _save_tree(staging / PROMPT_PARAMS_DIR, params)
-    return _write_directory(out_dir, overwrite, fill, PROMPT_ENTRIES)
+    return _write_directory(out_dir, overwrite, fill, tree=params)
 
 
 def load_prompt(prompt_dir):

@@ -5,7 +5,6 @@ match what upstream's modules return, so arrays can be compared one to one.
 """
 
 import pathlib
-import zipfile
 
 import jax
 import jax.numpy as jnp
@@ -105,14 +104,13 @@ def run_parity(checkpoint, inputs_path, out_path, *, config_spec=None, overwrite
     the expected outputs the inputs file holds (empty when it holds none)."""
     from safetriage_jax.porting import load_weights
     inputs_of_run = (inputs_path, checkpoint, config_spec)
-    outputs.check_output(out_path, inputs=inputs_of_run, overwrite=overwrite,
-                         recognise=zipfile.is_zipfile)
+    outputs.check_output(out_path, "npz", inputs=inputs_of_run, overwrite=overwrite)
     inputs = read_inputs(inputs_path)
     config, variables = load_weights(checkpoint, config_spec,
                                      image_size=inputs["source"].shape[2])
     results = parity_outputs(config, variables, inputs["source"], inputs["driving"])
-    with outputs.atomic_file(out_path, inputs=inputs_of_run, overwrite=overwrite,
-                             recognise=zipfile.is_zipfile) as staging:
+    with outputs.atomic_file(out_path, "npz", inputs=inputs_of_run,
+                             overwrite=overwrite) as staging:
         with open(staging, "wb") as f:
-            np.savez(f, **results)
+            np.savez(f, **results, **{outputs.MARK_KEY: np.array(outputs.new_mark())})
     return results, compare(results, inputs)

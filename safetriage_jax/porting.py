@@ -12,7 +12,6 @@ for the perceptual loss the same way (``features.28.weight`` <-> ``params/featur
 
 import pathlib
 import re
-import zipfile
 
 import numpy as np
 from flax import traverse_util
@@ -81,9 +80,8 @@ def _require_torch():
 def _torch_load(path, what, missing_hint, expected):
     """``torch.load(weights_only=True)`` with one-line errors for a missing or unreadable file."""
     torch = _require_torch()
-    path = pathlib.Path(path).expanduser()
-    if not path.is_file():
-        raise SafeTriageError(f"{what} {path} does not exist; {missing_hint}")
+    from safetriage_jax.inputs import require_file
+    path = require_file(path, what, missing_hint[:1].upper() + missing_hint[1:])
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # torch raises many types for corrupt or foreign files
@@ -169,7 +167,7 @@ def flax_to_torch(variables):
     modules = {}
     for path, value in traverse_util.flatten_dict(variables).items():
         module, key = torch_key(path)
-        tensor = torch.from_numpy(np.ascontiguousarray(to_torch_layout(np.asarray(value), path)))
+        tensor = torch.from_numpy(np.array(to_torch_layout(np.asarray(value), path), order="C"))  # a writable copy
         modules.setdefault(module, {})[key] = tensor
         if key.endswith("running_mean"):
             counter = key[: -len("running_mean")] + "num_batches_tracked"
@@ -190,9 +188,10 @@ def export_checkpoint(variables, out_path, epoch=0, *, overwrite=False, inputs=(
     replaced (with ``overwrite``) only if it is a torch checkpoint, never an input."""
     torch = _require_torch()
     size = sum(np.asarray(v).nbytes for v in traverse_util.flatten_dict(variables).values())
-    with outputs.atomic_file(out_path, overwrite=overwrite, inputs=inputs, need_bytes=size,
-                             recognise=zipfile.is_zipfile) as staging:
+    with outputs.atomic_file(out_path, "torch", overwrite=overwrite, inputs=inputs,
+                             need_bytes=size) as staging:
         payload = dict(flax_to_torch(variables), epoch=epoch)
+        payload[outputs.MARK_KEY] = outputs.new_mark()  # upstream's loader ignores it
         with open(staging, "wb") as f:
             torch.save(payload, f)
 
@@ -246,8 +245,8 @@ def port_to_directory(checkpoint_path, config: TPSMMConfig, out_dir, *, safetens
     an input or a folder holding one; replaced only if it is a model directory)."""
     from safetriage_jax import model_dir as ckpt
     inputs = (checkpoint_path, *inputs)
-    outputs.check_output(out_dir, folder=True, inputs=inputs, overwrite=overwrite,
-                         recognise=ckpt.is_model_directory)
+    size = pathlib.Path(checkpoint_path).stat().st_size if pathlib.Path(checkpoint_path).is_file() else 0
+    outputs.check_output(out_dir, "folder", inputs=inputs, overwrite=overwrite, need_bytes=size)
     variables = port_checkpoint(checkpoint_path, config)
     return ckpt.save_model(out_dir, config, variables, safetensors=safetensors,
                            overwrite=overwrite, inputs=inputs)

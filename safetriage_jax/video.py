@@ -2,7 +2,8 @@
 
 import contextlib
 import fractions
-import pathlib
+import re
+import warnings
 
 import av
 import numpy as np
@@ -10,8 +11,11 @@ from PIL import Image, UnidentifiedImageError
 
 from safetriage_jax import outputs
 from safetriage_jax.errors import SafeTriageError
+from safetriage_jax.inputs import require_file
 
 MIN_SIDE = 32  # smaller inputs cannot carry a usable face
+MAX_IMAGE_PIXELS = 50_000_000  # larger images are refused before decoding (an 8K photo is 33 MP)
+MAX_VIDEO_SIDE = 8192  # video frames up to 8K
 TRUNCATION_SLACK = 0.02  # decoded frames may fall this far (and 2 frames) short of the header
 
 
@@ -23,12 +27,22 @@ def _check_size(width, height, what):
 
 def read_image(path):
     """(H, W, 3) uint8 RGB from any image Pillow reads (alpha dropped, greyscale expanded)."""
-    path = pathlib.Path(path)
-    if not path.is_file():
-        raise SafeTriageError(f"Image {path} does not exist.")
+    path = require_file(path, "Image")
     try:
-        with Image.open(path) as image:
-            rgb = _to_rgb8(image)
+        with warnings.catch_warnings():  # Pillow warns of large images; the check below decides
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            with Image.open(path) as image:
+                width, height = image.size
+                if width * height > MAX_IMAGE_PIXELS:
+                    raise SafeTriageError(
+                        f"Image {path} is {width}x{height} px ({width * height / 1e6:.0f} MP); at "
+                        f"most {MAX_IMAGE_PIXELS / 1e6:.0f} MP is read. Scale it down first.")
+                rgb = _to_rgb8(image)
+    except Image.DecompressionBombError as err:  # a header claiming over 2x Pillow's limit
+        claimed = re.search(r"\((\d+) pixels\)", str(err))
+        size = f" (its header claims {int(claimed.group(1)) / 1e6:.0f} MP)" if claimed else ""
+        raise SafeTriageError(f"Image {path} is too large{size}; at most "
+                              f"{MAX_IMAGE_PIXELS / 1e6:.0f} MP is read. Scale it down first.") from None
     except (UnidentifiedImageError, OSError) as err:
         raise SafeTriageError(f"Could not read {path} as an image ({err}); pass a PNG or JPEG.") from None
     _check_size(rgb.shape[1], rgb.shape[0], f"Image {path}")
@@ -52,9 +66,7 @@ class VideoReader:
     """Decodes the first video stream of a file as (H, W, 3) uint8 RGB frames."""
 
     def __init__(self, path):
-        self.path = pathlib.Path(path)
-        if not self.path.is_file():
-            raise SafeTriageError(f"Video {self.path} does not exist.")
+        self.path = require_file(path, "Video")
         try:
             self._container = av.open(str(self.path))
         except (av.error.FFmpegError, UnicodeDecodeError) as err:
@@ -66,6 +78,11 @@ class VideoReader:
         self._stream = self._container.streams.video[0]
         self._stream.thread_type = "AUTO"
         _check_size(self._stream.width, self._stream.height, f"Video {self.path}")
+        if max(self._stream.width, self._stream.height) > MAX_VIDEO_SIDE:
+            self._container.close()
+            raise SafeTriageError(f"Video {self.path} is {self._stream.width}x"
+                                  f"{self._stream.height} px; at most {MAX_VIDEO_SIDE} px a side "
+                                  "is read. Scale it down first.")
 
     @property
     def fps(self) -> fractions.Fraction:
@@ -110,15 +127,6 @@ class VideoReader:
         self.close()
 
 
-def is_video(path):
-    """Whether ``path`` opens as a file with a video stream (an output this tool may replace)."""
-    try:
-        with av.open(str(path)) as container:
-            return bool(container.streams.video)
-    except (av.error.FFmpegError, UnicodeDecodeError, OSError):
-        return False
-
-
 @contextlib.contextmanager
 def video_writer(path, fps, width, height, crf=18, audio_from=None, *, overwrite=False, inputs=()):
     """Yields ``write(frames_NHW3_uint8)``; the h264 mp4 appears at ``path`` only on success.
@@ -131,8 +139,9 @@ def video_writer(path, fps, width, height, crf=18, audio_from=None, *, overwrite
     pad = ((0, height % 2), (0, width % 2), (0, 0))
     width, height = width + width % 2, height + height % 2
     inputs = (*inputs, audio_from)
-    with outputs.atomic_file(path, overwrite=overwrite, inputs=inputs, recognise=is_video) as tmp:
+    with outputs.atomic_file(path, "video", overwrite=overwrite, inputs=inputs) as tmp:
         container = av.open(str(tmp), mode="w")
+        container.metadata[outputs.VIDEO_TAG] = outputs.new_mark()  # the tool's mark, nothing else
         written = 0
         try:
             stream = container.add_stream("libx264",

@@ -77,7 +77,7 @@ def test_baselines_hide_the_face_and_lose_the_landmarks(itself):
 def test_the_report_is_written_and_parses(itself):
     metrics, report = itself
     assert {"metrics.json", "report.html", "tracks.png", "asymmetry.png", "frames.png",
-            "privacy_utility.png"} == {p.name for p in report.iterdir()}
+            "privacy_utility.png", ".safetriage-output"} == {p.name for p in report.iterdir()}
     saved = json.loads((report / "metrics.json").read_text())
     assert saved["methods"]["mask"]["motion"]["nme"] is None
     assert saved["methods"]["deid"] == json.loads(json.dumps(metrics["methods"]["deid"]))

@@ -182,7 +182,9 @@ def test_deid_cli_writes_the_summary_and_the_evaluation(tmp_path, tiny_model_dir
     metrics = json.loads((tmp_path / "report" / "metrics.json").read_text())
     assert set(metrics["methods"]) == {"deid", "blur", "pixelate", "mask"}
     assert (tmp_path / "report" / "report.html").is_file()
-    assert "Audio dropped, metadata dropped" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "Audio dropped, metadata dropped" in out
+    assert "Subject (--subject largest): the largest face" in out and "drives the motion" in out
 
 
 def test_rotated_phone_video_is_read_upright(tmp_path):
@@ -216,3 +218,52 @@ def test_centerface_detector_frames_faces_like_dlib():
         hog, _ = face_models("hog").detect(frame)
         centerface, _ = face_models("centerface").detect(frame)
         assert len(centerface) == 1 and box_iou(hog[0], centerface)[0] > 0.6
+
+
+def _masking_frames(count, layout):
+    """Frames with the patient's face and a second face: ``mirror`` (the frame beside its
+    mirror image) or ``bystander`` (a bigger stranger, the identity photo, to the right)."""
+    frames = _driving_frames(count)
+    if layout == "mirror":
+        return [np.concatenate([f, f[:, ::-1]], 1) for f in frames]
+    stranger = np.asarray(Image.open(SAMPLES / "source.png").convert("RGB").resize((560, 556)))
+    canvas = np.full((556, 412 + 560, 3), 90, np.uint8)
+    out = []
+    for f in frames:
+        frame = canvas.copy()
+        frame[72:72 + 412, :410] = f[:, :410]
+        frame[:, 412:] = stranger
+        out.append(frame)
+    return out
+
+
+def _face_box(frame):
+    from safetriage_jax.deid.faces import face_models
+    boxes, _ = face_models("hog").detect(frame)
+    return boxes
+
+
+@pytest.mark.parametrize("layout,subject", [("mirror", "largest"), ("bystander", "largest"),
+                                            ("bystander", "0,0,412,556")])
+def test_paste_back_masks_every_face_but_the_subject(tmp_path, tiny_model_dir, layout, subject):
+    frames = _masking_frames(4, layout)
+    video = tmp_path / "in.mp4"
+    with video_writer(video, 25, frames[0].shape[1], frames[0].shape[0]) as write:
+        write(frames)
+    original = _read(video)
+    summary = deidentify(video, SAMPLES / "source.png", tmp_path / "out.mp4", tiny_model_dir,
+                         progress=False, options=DeidOptions(paste_back=True, subject=subject))
+    result = _read(tmp_path / "out.mp4")
+    boxes = _face_box(original[0])
+    assert len(boxes) == 2, boxes  # both faces are really there, and found
+    black = [result[:, y0:y1, x0:x1].max() <= 3 for x0, y0, x1, y1 in boxes.astype(int)]
+    changed = [np.abs(result.astype(int) - original)[:, y0 + 10:y1 - 10, x0 + 10:x1 - 10].mean()
+               for x0, y0, x1, y1 in boxes.astype(int)]
+    subject_index = [i for i in range(2) if not black[i]]
+    assert len(subject_index) == 1, black  # one face replaced, the other black in every frame
+    assert changed[subject_index[0]] > 20  # the subject is replaced, not kept
+    left_is_subject = boxes[subject_index[0], 0] < boxes[1 - subject_index[0], 0]
+    if layout == "bystander":  # largest: the stranger (right); the box: the patient (left)
+        assert left_is_subject == (subject != "largest")
+    assert summary["subject"] == subject and summary["masked_frames"] == 4
+    assert any(f"--subject {subject}" in note for note in summary["notes"])

@@ -1,6 +1,7 @@
 """The one atomic writer: outputs are never inputs, overwrite replaces only our own outputs,
 bad locations are refused before any work, and nothing half-written is left behind."""
 
+import json
 import os
 import stat
 import subprocess
@@ -21,53 +22,49 @@ def test_an_output_that_is_an_input_is_refused_by_path_link_or_inode(tmp_path):
     for out in (video, tmp_path / "sub" / ".." / "patient.mp4", tmp_path / "link.mp4",
                 tmp_path / "hard.mp4"):
         with pytest.raises(SafeTriageError, match="also an input"):
-            outputs.check_output(out, inputs=[video], overwrite=True)
+            outputs.check_output(out, "video", inputs=[video], overwrite=True)
     assert video.read_bytes() == b"original"
 
 
 def test_an_existing_output_is_refused_unless_overwriting(tmp_path):
     out = tmp_path / "metrics.json"
-    outputs.write_text(out, "1")
+    outputs.write_json(out, {"v": 1})
     with pytest.raises(OutputExistsError, match="already exists"):
-        outputs.write_text(out, "2")
-    outputs.write_text(out, "3", overwrite=True)
-    assert out.read_text() == "3"
+        outputs.write_json(out, {"v": 2})
+    outputs.write_json(out, {"v": 3}, overwrite=True)
+    assert json.loads(out.read_text())["v"] == 3
 
 
 def test_overwrite_replaces_only_a_folder_this_tool_wrote(tmp_path, monkeypatch):
     ours = tmp_path / "model"
-    ours.mkdir()
-    (ours / "config.json").write_text("{}")
+    with outputs.atomic_directory(ours) as staging:
+        (staging / "config.json").write_text("{}")
     foreign = tmp_path / "photos"
     foreign.mkdir()
     (foreign / "holiday.jpg").write_bytes(b"x")
-
-    def recognise(folder):
-        return {p.name for p in folder.iterdir()} == {"config.json"}
-    with outputs.atomic_directory(ours, overwrite=True, recognise=recognise) as staging:
+    with outputs.atomic_directory(ours, overwrite=True) as staging:
         (staging / "config.json").write_text('{"new": 1}')
     assert (ours / "config.json").read_text() == '{"new": 1}'
     with pytest.raises(SafeTriageError, match="not a folder this tool wrote"):
-        outputs.check_output(foreign, folder=True, overwrite=True, recognise=recognise)
+        outputs.check_output(foreign, "folder", overwrite=True)
     monkeypatch.chdir(foreign)
     for out in (".", tmp_path):  # the working directory and its parent
         with pytest.raises(SafeTriageError, match="working directory"):
-            outputs.check_output(out, folder=True, overwrite=True, recognise=lambda _: True)
+            outputs.check_output(out, "folder", overwrite=True)
     with pytest.raises(SafeTriageError, match="contains the input"):
-        outputs.check_output(tmp_path, folder=True, inputs=[ours / "config.json"],
-                             overwrite=True, recognise=lambda _: True)
+        outputs.check_output(tmp_path, "folder", inputs=[ours / "config.json"], overwrite=True)
     assert (foreign / "holiday.jpg").is_file()
 
 
 def test_a_file_output_onto_a_folder_and_the_reverse_are_refused(tmp_path):
-    (tmp_path / "folder").mkdir()
+    (tmp_path / "folder.json").mkdir()
     (tmp_path / "file").write_text("x")
     with pytest.raises(SafeTriageError, match="is a folder"):
-        outputs.check_output(tmp_path / "folder", overwrite=True)
+        outputs.check_output(tmp_path / "folder.json", "json", overwrite=True)
     with pytest.raises(SafeTriageError, match="is a file"):
-        outputs.check_output(tmp_path / "file", folder=True, overwrite=True)
+        outputs.check_output(tmp_path / "file", "folder", overwrite=True)
     with pytest.raises(SafeTriageError, match="is a file, not a folder"):
-        outputs.check_output(tmp_path / "file" / "out.mp4")
+        outputs.check_output(tmp_path / "file" / "out.mp4", "video")
 
 
 @pytest.mark.skipif(os.geteuid() == 0, reason="root may write anywhere")
@@ -77,14 +74,14 @@ def test_an_unwritable_location_is_refused_before_writing(tmp_path):
     locked.chmod(stat.S_IRUSR | stat.S_IXUSR)
     try:
         with pytest.raises(SafeTriageError, match="not writable"):
-            outputs.check_output(locked / "deeper" / "out.mp4")
+            outputs.check_output(locked / "deeper" / "out.mp4", "video")
     finally:
         locked.chmod(stat.S_IRWXU)
 
 
 def test_a_full_disk_is_refused_before_writing(tmp_path):
     with pytest.raises(SafeTriageError, match="MB free"):
-        outputs.check_output(tmp_path / "big.pth.tar", need_bytes=1 << 62)
+        outputs.check_output(tmp_path / "big.pth.tar", "torch", need_bytes=1 << 62)
 
 
 def test_a_failed_write_leaves_nothing_and_keeps_the_old_output(tmp_path):
@@ -96,23 +93,25 @@ def test_a_failed_write_leaves_nothing_and_keeps_the_old_output(tmp_path):
             (staging / "report.html").write_text("half")
             raise RuntimeError("killed")
     with pytest.raises(SafeTriageError, match="Nothing was written"):
-        with outputs.atomic_file(tmp_path / "empty.npz"):
+        with outputs.atomic_file(tmp_path / "empty.npz", "npz"):
             pass
     assert (out / "report.html").read_text() == "old"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["report"]
 
 
 def test_leftovers_of_a_killed_run_are_removed_by_the_next_write(tmp_path):
-    out = tmp_path / "deid.mp4"
+    out = tmp_path / "deid.json"
     script = ("import sys, os; from safetriage_jax import outputs\n"
-              "with outputs.atomic_file(sys.argv[1]) as staging:\n"
+              "with outputs.atomic_file(sys.argv[1], 'json') as staging:\n"
               "    staging.write_bytes(b'half'); os.kill(os.getpid(), 9)\n")
     subprocess.run([sys.executable, "-c", script, str(out)], timeout=120, check=False)
     assert [p.name for p in tmp_path.iterdir() if ".partial" in p.name]  # SIGKILL left it
-    live = tmp_path / f".deid.mp4.{os.getppid()}.partial.mp4"  # a running process's: kept
+    live = tmp_path / f".deid.json.{os.getppid()}.partial.json"  # a running process's: kept
     live.write_bytes(b"in progress")
-    outputs.write_text(out, "done")
-    assert sorted(p.name for p in tmp_path.iterdir()) == [live.name, "deid.mp4"]
+    other = tmp_path / ".report.999999999.partial"  # another output's, in the same folder
+    other.mkdir()
+    outputs.write_json(out, {"done": True})
+    assert sorted(p.name for p in tmp_path.iterdir()) == [live.name, "deid.json"]
 
 
 def test_written_files_and_folders_get_the_usual_permissions(tmp_path):
@@ -120,7 +119,7 @@ def test_written_files_and_folders_get_the_usual_permissions(tmp_path):
     try:
         with outputs.atomic_directory(tmp_path / "model") as staging:
             (staging / "config.json").write_text("{}")
-        outputs.write_text(tmp_path / "metrics.json", "{}")
+        outputs.write_json(tmp_path / "metrics.json", {})
     finally:
         os.umask(umask)
     assert stat.S_IMODE((tmp_path / "model").stat().st_mode) == 0o755

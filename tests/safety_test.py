@@ -114,16 +114,21 @@ def test_export_weights_refuses_a_video_a_folder_and_leaves_no_partial(tmp_path,
                                                                        fixture_model_dir):
     video = tmp_path / "clip.mp4"
     video.write_bytes((SAMPLES / "driving.mp4").read_bytes())
+    theirs = tmp_path / "downloaded.pth.tar"
+    theirs.write_bytes((FIXTURE / "checkpoint.pth.tar").read_bytes())
     code, err = _run(capsys, "export-weights", "--checkpoint", fixture_model_dir, "--out", video)
+    assert code == 2 and "written as .pth.tar" in err
+    code, err = _run(capsys, "export-weights", "--checkpoint", fixture_model_dir, "--out", theirs)
     assert code == 2 and "already exists" in err and "--overwrite" in err
-    code, err = _run(capsys, "export-weights", "--checkpoint", fixture_model_dir, "--out", video,
+    code, err = _run(capsys, "export-weights", "--checkpoint", fixture_model_dir, "--out", theirs,
                      "--overwrite")
     assert code == 2 and "not a file this tool wrote" in err
     code, err = _run(capsys, "export-weights", "--checkpoint", fixture_model_dir, "--out",
                      tmp_path)
     assert code == 2 and "is a folder" in err
     assert video.read_bytes() == (SAMPLES / "driving.mp4").read_bytes()
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["clip.mp4"]
+    assert theirs.read_bytes() == (FIXTURE / "checkpoint.pth.tar").read_bytes()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["clip.mp4", "downloaded.pth.tar"]
 
 
 def test_a_truncated_video_is_an_error_not_a_short_output(tmp_path):
@@ -251,3 +256,210 @@ def test_evaluation_keeps_only_a_few_frames_of_a_long_video():
     kept = sorted(sample.of("original"))
     assert len(kept) <= 8 and kept[0] == 0 and kept[-1] >= 700
     assert len(set(np.diff(kept))) == 1  # evenly spaced
+
+
+# Issue 20: hostile input, bounded waits, interrupted runs.
+
+def test_output_names_are_checked_before_any_work(tmp_path, capsys):
+    empty_model = tmp_path / "model"  # loading it would fail: the name must be refused first
+    empty_model.mkdir()
+    for name in ("out.jpg", "out.png", "out.webm", "out.txt", "out", "x" * 300 + ".mp4"):
+        code, err = _run(capsys, "deid", "--input", SAMPLES / "driving.mp4", "--identity",
+                         SAMPLES / "source.png", "--checkpoint", empty_model, "--out",
+                         tmp_path / name)
+        assert code == 2 and ("written as .mp4" in err or "bytes long" in err), (name, err)
+        code, err = _run(capsys, "animate", "--checkpoint", empty_model, "--source",
+                         SAMPLES / "source.png", "--driving", SAMPLES / "driving.mp4", "--out",
+                         tmp_path / name)
+        assert code == 2 and ("written as .mp4" in err or "bytes long" in err), (name, err)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model"]
+
+
+def _png_claiming(path, width, height):
+    """A small PNG whose header claims ``width`` x ``height`` (CRC fixed up)."""
+    import struct
+    import zlib
+    Image.fromarray(np.zeros((40, 40, 3), np.uint8)).save(path)
+    data = bytearray(path.read_bytes())
+    data[16:24] = struct.pack(">II", width, height)
+    data[29:33] = struct.pack(">I", zlib.crc32(bytes(data[12:29])))
+    path.write_bytes(bytes(data))
+
+
+def test_huge_folder_and_device_inputs_are_clear_errors(tmp_path, capsys):
+    bomb = tmp_path / "bomb.png"
+    _png_claiming(bomb, 65535, 65535)
+    with pytest.raises(SafeTriageError, match=r"too large \(its header claims 4295 MP\); at most 50 MP"):
+        read_image(bomb)
+    _png_claiming(bomb, 10000, 9000)  # under Pillow's own limit, over ours
+    with pytest.raises(SafeTriageError, match=r"10000x9000 px \(90 MP\); at most 50 MP"):
+        read_image(bomb)
+    for path, message in ((tmp_path, "is a folder, not a file"),
+                          ("/dev/zero", "is not a regular file")):
+        with pytest.raises(SafeTriageError, match=message):
+            read_image(path)
+        with pytest.raises(SafeTriageError, match=message):
+            VideoReader(path)
+    code, err = _run(capsys, "animate", "--checkpoint", tmp_path / "none", "--source", bomb,
+                     "--driving", SAMPLES / "driving.mp4", "--out", tmp_path / "o.mp4")
+    assert code == 2
+
+
+def test_config_names_resolve_only_to_the_projects_configs(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    ran = tmp_path / "ran"
+    (tmp_path / "train.py").write_text(f"open({str(ran)!r}, 'w').write('x')\n"
+                                       "def get_config(arg=None):\n    return None\n")
+    assert load_python_config("train.py:small").data.size == 64  # the project's, not cwd's
+    assert not ran.exists()
+    for spec, message in (("../../etc/passwd:small", "not a Python config"),
+                          ("/etc/passwd", "not a Python config"),
+                          ("nope.py:small", "a bare name is looked up only there")):
+        with pytest.raises(SafeTriageError, match=message):
+            load_python_config(spec)
+    with pytest.raises(SafeTriageError, match="not a Python config"):
+        load_model_config("../../etc/passwd:small")
+    broken = tmp_path / "broken.py"
+    broken.write_text("def get_config(:\n")
+    with pytest.raises(SafeTriageError, match=r"could not be loaded \(SyntaxError") as info:
+        load_python_config(f"./{broken.name}")
+    assert "\n" not in str(info.value)
+    bad_yaml = tmp_path / "bad.yaml"
+    bad_yaml.write_text("model_params:\n  common_params: {num_tps: 10\n  x: [\n")
+    with pytest.raises(SafeTriageError, match="not valid YAML at line") as info:
+        load_model_config(bad_yaml)
+    assert "\n" not in str(info.value)
+
+
+def test_training_and_model_sizes_have_upper_bounds():
+    for spec, message in (
+            ("configs/train.py:small,model.image_size=65536,data.size=65536",
+             "model.image_size must be from 32 to 1024"),
+            ("configs/train.py:small,train.batch_size=1000000000", "train.batch_size must be from"),
+            ("configs/prompt.py:small,train.num_steps=1000000000000", "train.num_steps must be from")):
+        with pytest.raises(SafeTriageError, match=message):
+            load_python_config(spec)
+    with pytest.raises(SafeTriageError, match="num_tps must be from 1 to 64"):
+        load_model_config("configs/tpsmm.py:small,num_tps=100000")
+
+
+def test_resume_with_every_checkpoint_damaged_is_refused(tmp_path, capsys):
+    from safetriage_jax.train.checkpoints import TrainCheckpoints
+    directory = tmp_path / "checkpoints"
+    state = {"w": np.zeros(3, np.float32)}
+    checkpoints = TrainCheckpoints(directory, async_save=False)
+    for step in (1, 2):
+        checkpoints.save(step, state, {"model": 1})
+    checkpoints.close()
+    for data in directory.glob("*/state/d/*"):
+        data.write_bytes(b"damaged")
+    with pytest.raises(SafeTriageError, match="Every checkpoint .* unreadable.*nothing to resume"):
+        TrainCheckpoints(directory, async_save=False).restore_latest(state, {"model": 1})
+    printed = capsys.readouterr().out
+    assert printed.count("files are damaged or incomplete") == 2
+    assert not re.search(r"zarr|OCDBT|tensorstore|source locations|Byte range", printed)
+
+
+def test_an_unreachable_coordinator_is_one_error_line_in_bounded_time(tmp_path):
+    import socket
+    import subprocess
+    import sys
+    import time
+    with socket.socket() as probe:  # a loopback port nobody listens on
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    start = time.monotonic()
+    done = subprocess.run(
+        [sys.executable, "-m", "safetriage_jax.cli", "train", "--config", "configs/train.py:small",
+         "--workdir", str(tmp_path / "run"), "--coordinator-address", f"127.0.0.1:{port}",
+         "--num-processes", "2", "--process-id", "1", "--coordinator-timeout", "3"],
+        capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2 and time.monotonic() - start < 60
+    assert done.stderr.startswith("error:") and done.stderr.count("\n") == 1, done.stderr
+    assert f"127.0.0.1:{port}" in done.stderr and "--coordinator-timeout" in done.stderr
+    assert not (tmp_path / "run").exists()
+
+
+def _cli_subprocess(argv, file_size_limit=None, **kwargs):
+    """The CLI in a child process; ``file_size_limit``: bytes any one file may grow to (writes
+    beyond fail like on a full disk)."""
+    import subprocess
+    import sys
+    prelude = ""
+    if file_size_limit:
+        prelude = ("import resource, signal; signal.signal(signal.SIGXFSZ, signal.SIG_IGN); "
+                   f"resource.setrlimit(resource.RLIMIT_FSIZE, ({file_size_limit}, "
+                   f"{file_size_limit})); ")
+    script = prelude + "import sys; from safetriage_jax import cli; sys.exit(cli.main(sys.argv[1:]))"
+    return subprocess.Popen([sys.executable, "-c", script, *map(str, argv)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **kwargs)
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tmp_path_factory, tiny_variables):
+    from conftest import TINY
+    return model_dirs.save_model(tmp_path_factory.mktemp("model") / "tiny", TINY, tiny_variables)
+
+
+def test_sigterm_is_handled_like_ctrl_c_and_leaves_nothing(tmp_path, tiny_model):
+    import signal
+    import time
+    out = tmp_path / "out" / "animation.mp4"
+    out.parent.mkdir()
+    child = _cli_subprocess(["animate", "--checkpoint", tiny_model, "--source",
+                             SAMPLES / "source.png", "--driving", SAMPLES / "driving.mp4",
+                             "--out", out, "--batch", "1"])
+    deadline = time.monotonic() + 300
+    while not any(".partial" in p.name for p in out.parent.iterdir()):  # writing has begun
+        assert child.poll() is None and time.monotonic() < deadline, child.communicate()
+        time.sleep(0.02)
+    child.send_signal(signal.SIGTERM)
+    _, err = child.communicate(timeout=120)
+    assert child.returncode == 130 and "interrupted" in err and "Traceback" not in err, err
+    assert list(out.parent.iterdir()) == []
+
+
+def test_a_full_disk_in_the_report_stage_leaves_neither_video_nor_report(tmp_path, tiny_model):
+    frames_video = tmp_path / "in.mp4"
+    with VideoReader(SAMPLES / "driving.mp4") as reader:
+        frames = [f for _, f in zip(range(4), reader)]
+    from safetriage_jax.video import video_writer
+    with video_writer(frames_video, 25, frames[0].shape[1], frames[0].shape[0]) as write:
+        write(frames)
+    out = tmp_path / "out"
+    child = _cli_subprocess(["deid", "--input", frames_video, "--identity", SAMPLES / "source.png",
+                             "--checkpoint", tiny_model, "--out", out / "deid.mp4", "--report",
+                             out / "report"], file_size_limit=60_000)
+    _, err = child.communicate(timeout=600)
+    assert child.returncode == 2, err
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert lines[-1].startswith(f"error: Could not write {out / 'report'}: File too large; "
+                                "nothing was written"), err  # the video came first: removed
+    assert "Traceback" not in err and "Warning" not in err, err
+    assert not out.exists() or list(out.iterdir()) == []
+
+
+def test_a_full_disk_during_training_is_one_clear_error(tmp_path):
+    import errno
+    from safetriage_jax import outputs
+    from safetriage_jax.train.trainer import owned_workdir
+    with pytest.raises(SafeTriageError, match=r"Training stopped: .* \(the disk is full\).*--resume"):
+        with owned_workdir(tmp_path / "run"):
+            with open("/dev/full", "w") as full:  # a real ENOSPC from the kernel
+                full.write("metrics\n")
+    code = outputs.os_error_code(ValueError("Failed to write [os_error_code='28']"))
+    assert code == errno.ENOSPC  # orbax's form of the same error
+
+
+def test_an_error_during_a_progress_bar_starts_its_own_line(tmp_path, capsys, tiny_model):
+    truncated = tmp_path / "truncated.mp4"
+    data = (SAMPLES / "driving.mp4").read_bytes()
+    truncated.write_bytes(data[: len(data) * 3 // 10])
+    code = cli.main(["deid", "--input", str(truncated), "--identity", str(SAMPLES / "source.png"),
+                     "--checkpoint", str(tiny_model), "--out", str(tmp_path / "o.mp4")])
+    err = capsys.readouterr().err
+    assert code == 2 and "find face" in err  # the bar was drawn
+    lines = err.replace("\r", "\n").splitlines()
+    errors = [line for line in lines if "error:" in line]
+    assert len(errors) == 1 and errors[0].startswith("error:") and "truncated" in errors[0], err
+    assert "Warning" not in err and "Traceback" not in err

@@ -308,12 +308,10 @@ def evaluate_deid(original_path, deid_path, report_dir, *, identity_path=None, g
     plot signals as NumPy arrays (metrics.json keeps only the asymmetry ones).
     """
     from safetriage_jax.deid.report import write_report
-    from safetriage_jax.deid.report import is_report
     baselines = tuple(baselines)
     _check_arguments(baselines, max_frames, stride)
     inputs = (original_path, deid_path, identity_path, gallery_dir)
-    outputs.check_output(report_dir, folder=True, inputs=inputs, overwrite=overwrite,
-                         recognise=is_report)
+    outputs.check_output(report_dir, "folder", inputs=inputs, overwrite=overwrite)
     gallery, notes = gallery_embeddings(identity_path, gallery_dir)
     with VideoReader(original_path) as original_reader, VideoReader(deid_path) as deid_reader:
         fps = float(original_reader.fps)

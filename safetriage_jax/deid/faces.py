@@ -187,6 +187,65 @@ def find_faces(models, image_HW3):
     return np.zeros((0, 4)), np.zeros(0)
 
 
+def all_faces(models, image_HW3):
+    """Every face found in the image (boxes_N4, largest first): the DETECT_SIDE search and,
+    for larger frames, the full-size one, merged (a face found by both counts once). Used to
+    mask bystanders, so it does not stop at the first face found as :func:`find_faces` does."""
+    height, width = image_HW3.shape[:2]
+    boxes = [models.detect(image_HW3)[0]]
+    scale = DETECT_SIDE / max(height, width)
+    if scale < 1:
+        small = resize(image_HW3, round(width * scale), round(height * scale))
+        boxes.insert(0, models.detect(small)[0] / scale)
+    merged = []
+    for box in np.concatenate(boxes):
+        if not merged or box_iou(box, np.array(merged)).max() < 0.3:
+            merged.append(box)
+    merged = np.array(merged).reshape(-1, 4)
+    return merged[np.argsort(-box_area(merged), kind="stable")]
+
+
+@dataclasses.dataclass(frozen=True)
+class Subject:
+    """Which face is the patient's when several are found: ``largest``, ``center`` (nearest
+    the frame's centre) or the face overlapping ``box`` ([x0, y0, x1, y1] in frame pixels)."""
+
+    how: str = "largest"
+    box: tuple | None = None
+
+    @classmethod
+    def parse(cls, text):
+        """``largest``, ``center`` or ``x0,y0,x1,y1``; raises SafeTriageError otherwise."""
+        text = str(text).strip().lower()
+        if text in ("largest", "center", "centre"):
+            return cls("center" if text == "centre" else text)
+        try:
+            x0, y0, x1, y1 = (float(v) for v in text.split(","))
+        except ValueError:
+            raise SafeTriageError(f"Unknown subject {text!r}: use largest, center, or a box "
+                                  "x0,y0,x1,y1 in frame pixels around the patient's face.") from None
+        if not (0 <= x0 < x1 and 0 <= y0 < y1):
+            raise SafeTriageError(f"The subject box {text} must have 0 <= x0 < x1 and 0 <= y0 < y1 "
+                                  "(frame pixels).")
+        return cls("box", (x0, y0, x1, y1))
+
+    def pick(self, boxes_N4, width, height):
+        """Index of the subject among ``boxes_N4`` (largest first); None if none fits."""
+        if not len(boxes_N4):
+            return None
+        if self.how == "largest":
+            return 0
+        centers_N2 = (boxes_N4[:, :2] + boxes_N4[:, 2:]) / 2
+        if self.how == "center":
+            return int(np.argmin(np.linalg.norm(centers_N2 - [width / 2, height / 2], axis=1)))
+        overlap = box_iou(np.asarray(self.box, float), boxes_N4)
+        return int(np.argmax(overlap)) if overlap.max() > 0 else None
+
+    def describe(self):
+        return {"largest": "the largest face", "center": "the face nearest the frame's centre",
+                "box": f"the face in the box {','.join(f'{v:g}' for v in self.box or ())}"}[self.how]
+
+
 @dataclasses.dataclass
 class FaceTrack:
     """One face followed through a video: per-frame box and landmarks (NaN where not found)."""
@@ -197,6 +256,8 @@ class FaceTrack:
     height: int
     fps: float
     notes: list  # human-readable observations (several faces, tiny face, lost face), for reports
+    faces_T: list = dataclasses.field(default_factory=list)  # every face per frame (boxes_N4),
+    # when the tracker scans every frame (``scan_every_frame``); else empty
 
     @property
     def found_T(self):
@@ -208,13 +269,17 @@ class FaceTrack:
 
 
 class FaceTracker:
-    """Follows the largest face: searched for in the whole frame until found, then in a window
-    around its last box; ``recheck_every`` frames the whole frame is searched again to count
-    other faces. A frame where the followed face is not found gets NaN; while the face stays
-    lost the whole-frame search is thinned out (faceless footage costs ~0.2 s a frame)."""
+    """Follows the ``subject`` face (default the largest): searched for in the whole frame until
+    found, then in a window around its last box; ``recheck_every`` frames the whole frame is
+    searched again to count other faces. A frame where the followed face is not found gets NaN;
+    while the face stays lost the whole-frame search is thinned out (faceless footage costs
+    ~0.2 s a frame). ``scan_every_frame``: every frame is searched whole and every face found
+    is kept (``FaceTrack.faces_T``), so faces other than the subject can be masked."""
 
-    def __init__(self, models=None, recheck_every=25, min_iou=0.2, lost_after=5, lost_every=5):
+    def __init__(self, models=None, recheck_every=25, min_iou=0.2, lost_after=5, lost_every=5,
+                 subject=Subject(), scan_every_frame=False):
         self.models = models or face_models("hog")
+        self.subject, self.scan_every_frame = subject, scan_every_frame
         self.recheck_every, self.min_iou = recheck_every, min_iou
         # After ``lost_after`` frames in a row without the face, the costly whole-frame search
         # runs only every ``lost_every`` frames (the frames between stay "not found": blanked).
@@ -248,7 +313,7 @@ class TrackRun:
 
     def __init__(self, tracker, fps):
         self.tracker, self.fps = tracker, float(fps)
-        self.boxes, self.marks, self.crowded = [], [], []
+        self.boxes, self.marks, self.crowded, self.faces = [], [], [], []
         self.last, self.misses, self.width, self.height = None, 0, 0, 0
 
     def add(self, frame):
@@ -257,16 +322,20 @@ class TrackRun:
         self.height, self.width = frame.shape[:2]
         box = tracker._around(frame, self.last) if self.last is not None else None
         skip = self.misses >= tracker.lost_after and self.misses % tracker.lost_every
-        if (box is None and not skip) or index % tracker.recheck_every == 0:
-            found, _ = find_faces(tracker.models, frame)
+        if tracker.scan_every_frame or (box is None and not skip) or index % tracker.recheck_every == 0:
+            if tracker.scan_every_frame:
+                found = all_faces(tracker.models, frame)
+                self.faces.append(found)
+            else:
+                found, _ = find_faces(tracker.models, frame)
             if len(found) > 1:
                 self.crowded.append(index)
             if box is None and len(found):
-                if self.last is not None:  # lost: prefer the face where ours was, else the largest
+                chosen = tracker.subject.pick(found, self.width, self.height)
+                if self.last is not None:  # lost: prefer the face where ours was, else the subject
                     overlap = box_iou(self.last, found)
-                    box = found[int(np.argmax(overlap))] if overlap.max() >= tracker.min_iou else found[0]
-                else:
-                    box = found[0]
+                    chosen = int(np.argmax(overlap)) if overlap.max() >= tracker.min_iou else chosen
+                box = found[chosen] if chosen is not None else None
         self.last = box if box is not None else self.last
         self.misses = 0 if box is not None else self.misses + 1
         marks = tracker.models.landmarks(frame, box) if box is not None else None
@@ -279,10 +348,11 @@ class TrackRun:
         notes = []
         if self.crowded:
             notes.append(f"{len(self.crowded)} checked frame(s) show more than one face (first at "
-                         f"frame {self.crowded[0]}); the largest face is the one followed.")
+                         f"frame {self.crowded[0]}); {self.tracker.subject.describe()} is the one "
+                         "followed.")
         track = FaceTrack(np.array(self.boxes).reshape(-1, 4),
                           np.array(self.marks).reshape(-1, 68, 2), self.width, self.height,
-                          self.fps, notes)
+                          self.fps, notes, list(self.faces))
         found = track.found_T
         if found.any():
             sizes = np.sqrt(box_area(track.boxes_T4[found]))

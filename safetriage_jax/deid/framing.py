@@ -173,3 +173,52 @@ def uncovered_frames(plan, landmarks_T68x2, options=FramingOptions()):
             _opaque(plan.centers_T2[t], plan.sides_T[t], options.feather,
                     face_outline(landmarks_T68x2[n], options.cover_margin)) for n in neighbours)
     return uncovered_T
+
+
+MASK_GROW = 1.6  # a masked face's square: its detector box side x this (forehead, hair, chin)
+
+
+def subject_box(track, plan, options, t):
+    """The followed face's box in frame ``t``: detected, else from the crop plan (FILLED);
+    None on BLANK frames."""
+    if track.found_T[t]:
+        return track.boxes_T4[t]
+    if plan.status_T[t] == BLANK:
+        return None
+    side = plan.sides_T[t] / options.scale
+    cx, cy = plan.centers_T2[t, 0], plan.centers_T2[t, 1] + options.raise_by * side
+    return np.array([cx - side / 2, cy - side / 2, cx + side / 2, cy + side / 2])
+
+
+def other_faces(track, plan, options=FramingOptions(), min_iou=0.2):
+    """Per frame, the squares ([x0, y0, x1, y1]) to black out in paste-back output: every face
+    found (``track.faces_T``) that is not the followed one, grown by MASK_GROW. A face found in
+    one frame is masked in the frames up to ``max_gap_seconds`` around it as well, so a short
+    miss of the detector does not let it through."""
+    from safetriage_jax.deid.faces import box_iou
+    count = track.num_frames
+    found_T = [np.zeros((0, 4))] * count
+    for t, boxes_N4 in enumerate(track.faces_T[:count]):
+        subject = subject_box(track, plan, options, t)
+        others = [b for b in boxes_N4
+                  if subject is None or box_iou(subject, b[None])[0] < min_iou]
+        if others:
+            others = np.array(others)
+            side_N = np.sqrt(box_area(others)) * MASK_GROW
+            cx_N, cy_N = (others[:, 0] + others[:, 2]) / 2, (others[:, 1] + others[:, 3]) / 2
+            cy_N = cy_N - options.raise_by * side_N / MASK_GROW
+            found_T[t] = np.stack([cx_N - side_N / 2, cy_N - side_N / 2,
+                                   cx_N + side_N / 2, cy_N + side_N / 2], -1)
+    reach = int(np.ceil(options.max_gap_seconds * track.fps))
+    return [np.concatenate(found_T[max(t - reach, 0):t + reach + 1]) for t in range(count)]
+
+
+def black_out(frame_HW3, squares_N4):
+    """The frame with every square set to black (clipped to the frame)."""
+    if not len(squares_N4):
+        return frame_HW3
+    out = frame_HW3.copy()
+    height, width = out.shape[:2]
+    for x0, y0, x1, y1 in np.round(squares_N4).astype(int):
+        out[max(y0, 0):max(min(y1, height), 0), max(x0, 0):max(min(x1, width), 0)] = 0
+    return out

@@ -4,8 +4,10 @@ Two passes over the input. The first (:func:`find_face`) finds and tracks the fa
 :func:`plan_frames` plans a smoothed square crop per frame. The second (:func:`render`) crops,
 animates the identity image with the crops (batched, jitted), and writes either the generated
 crops or the full frames with the face pasted back. Frames with no face are written black,
-never as the original. Only video is written unless audio is asked for: audio and metadata are
-dropped (a voice or a recording's tags can identify a person too).
+never as the original. One face is the subject (``--subject``: the largest by default); with
+paste-back every frame is searched whole and every other face found is masked black, so no face
+of the original passes through. Only video is written unless audio is asked for: audio and
+metadata are dropped (a voice or a recording's tags can identify a person too).
 """
 
 import dataclasses
@@ -18,12 +20,13 @@ from tqdm.auto import tqdm
 from safetriage_jax import outputs
 from safetriage_jax.animate import MODES, Animator, check_batch_size
 from safetriage_jax.deid import landmarks
-from safetriage_jax.deid.faces import DETECTORS, FaceTracker, crop_square, face_models, find_faces
-from safetriage_jax.deid.framing import (BLANK, FramingOptions, face_boxes, paste, plan_crops,
-                                        runs, uncovered_frames)
+from safetriage_jax.deid.faces import (DETECTORS, FaceTracker, Subject, crop_square, face_models,
+                                       find_faces)
+from safetriage_jax.deid.framing import (BLANK, FramingOptions, black_out, face_boxes, other_faces,
+                                         paste, plan_crops, runs, uncovered_frames)
 from safetriage_jax.errors import SafeTriageError
 from safetriage_jax.model_dir import load_model, load_prompt
-from safetriage_jax.video import VideoReader, is_video, read_image, video_writer
+from safetriage_jax.video import VideoReader, read_image, video_writer
 
 REFERENCES = ("first", "neutral", "best")
 
@@ -39,10 +42,12 @@ class DeidOptions:
     framing: FramingOptions = FramingOptions()
     warp_implementation: str | None = None
     precision: str = "float32"  # the networks' compute dtype: float32 | bfloat16
+    subject: str = "largest"  # the patient's face: largest | center | x0,y0,x1,y1 (frame pixels)
 
 
 def _check(options):
     check_batch_size(options.batch_size)
+    Subject.parse(options.subject)
     choices = {"reference": REFERENCES, "mode": MODES, "detector": DETECTORS}
     for name, allowed in choices.items():
         if getattr(options, name) not in allowed:
@@ -106,8 +111,9 @@ def _batch(entries, crops, batch_size):
     return entries, np.stack(crops + [crops[-1]] * (batch_size - len(crops)))
 
 
-def _compose(entries, faces_BSS3, plan, paste_back, feather, blank_HW3):
-    """Output frames of one chunk: generated face (or frame with it pasted back), or black."""
+def _compose(entries, faces_BSS3, plan, paste_back, feather, blank_HW3, masks_T):
+    """Output frames of one chunk: generated face (or frame with it pasted back and every
+    other face masked black), or black."""
     out, next_face = [], 0
     for index, frame in entries:
         if plan.status_T[index] == BLANK:
@@ -115,8 +121,11 @@ def _compose(entries, faces_BSS3, plan, paste_back, feather, blank_HW3):
             continue
         face = faces_BSS3[next_face]
         next_face += 1
-        out.append(paste(frame, face, plan.centers_T2[index], plan.sides_T[index], feather)
-                   if paste_back else face)
+        if paste_back:
+            pasted = paste(frame, face, plan.centers_T2[index], plan.sides_T[index], feather)
+            out.append(black_out(pasted, masks_T[index]))
+        else:
+            out.append(face)
     return out
 
 
@@ -131,11 +140,9 @@ def check_outputs(input_path, identity_path, out_path, model_dir, prompt_dir=Non
     """Raises before any compute if the video or the report folder may not be written: an
     output that is an input, exists (without ``overwrite``) or lies in an unwritable place."""
     inputs = (input_path, identity_path, model_dir, prompt_dir)
-    outputs.check_output(out_path, inputs=inputs, overwrite=overwrite, recognise=is_video)
+    outputs.check_output(out_path, "video", inputs=inputs, overwrite=overwrite)
     if report_dir is not None:
-        from safetriage_jax.deid.report import is_report
-        outputs.check_output(report_dir, folder=True, inputs=(*inputs, out_path),
-                             overwrite=overwrite, recognise=is_report)
+        outputs.check_output(report_dir, "folder", inputs=(*inputs, out_path), overwrite=overwrite)
 
 
 def deidentify(input_path, identity_path, out_path, model_dir, *, options=DeidOptions(),
@@ -162,16 +169,21 @@ def deidentify(input_path, identity_path, out_path, model_dir, *, options=DeidOp
     identity, identity_marks, notes = identity_face(identity_path, size, options.framing, models)
     setup_done = time.perf_counter()
 
-    fps, track = find_face(input_path, models, progress)
+    fps, track, subject = find_face(input_path, models, options, progress)
     notes += track.notes
     track_done = time.perf_counter()
     plan, uncovered_T = plan_frames(input_path, track, fps, options)
+    masks_T = other_faces(track, plan, options.framing) if options.paste_back else None
+    notes.append(_subject_note(track, subject, options))
+    masked_frames = sum(len(m) > 0 for m in masks_T) if masks_T is not None else 0
+    if masked_frames:
+        notes.append(f"Other faces were masked black in {masked_frames} frame(s).")
     reference = choose_reference(track, plan, options.reference, identity_marks)
     reference_crop = crop_square(_frame_at(input_path, reference), plan.centers_T2[reference],
                                  plan.sides_T[reference], size)[0]
     animator.set_source(identity, reference_crop)
     render(input_path, identity_path, out_path, animator, track, plan, options, size,
-           overwrite, progress)
+           overwrite, progress, masks_T)
 
     notes += _blank_notes(plan, uncovered_T)
     counts = plan.counts()
@@ -181,7 +193,8 @@ def deidentify(input_path, identity_path, out_path, model_dir, *, options=DeidOp
         # file names only: a report is shared, and folder names often identify the patient
         "input": _name(input_path), "identity": _name(identity_path), "output": _name(out_path),
         "model": _name(model_dir), "prompt": None if prompt_dir is None else _name(prompt_dir),
-        "mode": options.mode, "paste_back": options.paste_back,
+        "mode": options.mode, "paste_back": options.paste_back, "subject": options.subject,
+        "masked_frames": masked_frames,
         "frames": track.num_frames, "fps": fps, "face_frames": counts["face"],
         "filled_frames": counts["filled"], "blank_frames": counts["blank"],
         "uncovered_frames": int(uncovered_T.sum()),
@@ -196,24 +209,31 @@ def deidentify(input_path, identity_path, out_path, model_dir, *, options=DeidOp
     }
     if report_dir is not None:
         from safetriage_jax.deid.evaluation import evaluate_deid
-        evaluate_deid(input_path, out_path, report_dir, identity_path=identity_path,
-                      progress=progress, overwrite=overwrite, show_original=report_show_original,
-                      extra_json={"deid.json": summary})
+        try:
+            evaluate_deid(input_path, out_path, report_dir, identity_path=identity_path,
+                          progress=progress, overwrite=overwrite,
+                          show_original=report_show_original, extra_json={"deid.json": summary})
+        except BaseException:  # interrupted or failed: no video without its report
+            pathlib.Path(out_path).unlink(missing_ok=True)
+            raise
     return summary
 
 
-def find_face(input_path, models, progress=True):
-    """First pass: (fps, face track) of the input video; raises if no frame shows a face."""
+def find_face(input_path, models, options, progress=True):
+    """First pass: (fps, face track, subject) of the input video; raises if no frame shows a
+    face. With paste-back every frame is searched whole, so every other face can be masked."""
+    subject = Subject.parse(options.subject)
     with VideoReader(input_path) as reader:
         fps = float(reader.fps)
         bar = tqdm(total=reader.num_frames, unit="frame", desc="find face", disable=not progress)
-        track = FaceTracker(models).track(reader, fps, progress=bar)
+        tracker = FaceTracker(models, subject=subject, scan_every_frame=options.paste_back)
+        track = tracker.track(reader, fps, progress=bar)
         bar.close()
     if not track.found_T.any():
         raise SafeTriageError(
             f"No face found in {input_path} ({track.num_frames} frames searched). The face must be "
             "roughly frontal, unoccluded and at least 40 px across; nothing was written.")
-    return fps, track
+    return fps, track, subject
 
 
 def plan_frames(input_path, track, fps, options):
@@ -233,9 +253,10 @@ def plan_frames(input_path, track, fps, options):
 
 
 def render(input_path, identity_path, out_path, animator, track, plan, options, size,
-           overwrite, progress=True):
+           overwrite, progress=True, masks_T=None):
     """Second pass: crops, animates (one batch in flight while the previous one is written)
-    and writes every frame of ``out_path``, black where the plan says blank."""
+    and writes every frame of ``out_path``, black where the plan says blank; ``masks_T``: the
+    other faces to mask black in each pasted-back frame."""
     width, height = (track.width, track.height) if options.paste_back else (size, size)
     blank = np.zeros((height, width, 3), np.uint8)
     audio_from = input_path if options.keep_audio else None
@@ -247,9 +268,9 @@ def render(input_path, identity_path, out_path, animator, track, plan, options, 
         for entries, crops in _chunks(reader, plan, size, options.batch_size):
             result = animator.animate(crops) if crops is not None else None  # async dispatch
             if pending is not None:
-                _flush(write, pending, plan, options, blank, bar)
+                _flush(write, pending, plan, options, blank, bar, masks_T)
             pending = (entries, result)
-        _flush(write, pending, plan, options, blank, bar)
+        _flush(write, pending, plan, options, blank, bar, masks_T)
         bar.close()
 
 
@@ -266,13 +287,24 @@ def _blank_notes(plan, uncovered_T):
     return notes
 
 
+def _subject_note(track, subject, options):
+    """Which face was replaced (paste-back) or drove the motion (crop), and where it was first."""
+    first = int(np.flatnonzero(track.found_T)[0])
+    box = ",".join(f"{v:.0f}" for v in track.boxes_T4[first])
+    role = ("is replaced; every other face found is masked black" if options.paste_back
+            else "drives the motion")
+    return (f"Subject (--subject {options.subject}): {subject.describe()}, first found in frame "
+            f"{first} at x0,y0,x1,y1 = {box}, {role}.")
+
+
 def _name(path):
     return pathlib.Path(path).name
 
 
-def _flush(write, pending, plan, options, blank, bar):
+def _flush(write, pending, plan, options, blank, bar, masks_T):
     entries, result = pending
     faces = np.asarray(result) if result is not None else None
-    write(_compose(entries, faces, plan, options.paste_back, options.framing.feather, blank))
+    write(_compose(entries, faces, plan, options.paste_back, options.framing.feather, blank,
+                   masks_T))
     bar.update(len(entries))
 

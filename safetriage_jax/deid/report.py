@@ -173,15 +173,6 @@ def _write_files(folder, metrics, analyses):
     (folder / "report.html").write_text(html_page(metrics, images))
 
 
-REPORT_FILES = {*PLOTS, "metrics.json", "report.html", "deid.json"}
-
-
-def is_report(folder):
-    """Whether ``folder`` holds only files of a report this tool wrote (so it may be replaced)."""
-    names = {p.name for p in pathlib.Path(folder).iterdir()}
-    return "report.html" in names and names <= REPORT_FILES
-
-
 def write_report(report_dir, metrics, analyses, *, extra_json=None, overwrite=False, inputs=()):
     """Writes metrics.json, the PNGs and report.html into ``report_dir``, whole or not at all;
     returns the page's path. ``extra_json``: {file name: dict} written beside (deid.json).
@@ -190,8 +181,7 @@ def write_report(report_dir, metrics, analyses, *, extra_json=None, overwrite=Fa
     and landmarks, for frames.png). ``overwrite`` replaces an earlier report (only a folder of
     report files); ``inputs`` are never inside the folder.
     """
-    with outputs.atomic_directory(report_dir, overwrite=overwrite, inputs=inputs,
-                                  recognise=is_report) as staging:
+    with outputs.atomic_directory(report_dir, overwrite=overwrite, inputs=inputs) as staging:
         _write_files(staging, metrics, analyses)
         for name, data in (extra_json or {}).items():
             (staging / name).write_text(json.dumps(data, indent=2))

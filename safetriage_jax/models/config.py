@@ -3,11 +3,10 @@
 import dataclasses
 import json
 import math
-import pathlib
 
 import yaml
 
-from safetriage_jax.config_loader import load_python_config
+from safetriage_jax.config_loader import load_python_config, locate_config
 from safetriage_jax.errors import SafeTriageError
 
 
@@ -37,6 +36,10 @@ class TPSMMConfig:
 
     def __post_init__(self):
         _check_types(self)
+        for name, (low, high) in MODEL_LIMITS.items():
+            if not low <= getattr(self, name) <= high:
+                raise SafeTriageError(f"The model config's {name} must be from {low} to {high} "
+                                      f"(got {getattr(self, name)}).")
         levels = math.log2(1 / self.scale_factor) if 0 < self.scale_factor <= 1 else -1
         if levels != int(levels):
             raise SafeTriageError(
@@ -74,6 +77,14 @@ class TPSMMConfig:
         if unknown:
             raise SafeTriageError(f"Unknown model config keys {unknown}; known keys: {sorted(known)}.")
         return cls(**dict(values))
+
+
+# Sizes a model may have (beyond them a run only ends in an out-of-memory crash).
+MODEL_LIMITS = {"image_size": (32, 4096), "num_tps": (1, 64), "num_channels": (1, 4),
+                "generator_block_expansion": (1, 4096), "generator_max_features": (1, 8192),
+                "num_down_blocks": (1, 6), "dense_block_expansion": (1, 4096),
+                "dense_max_features": (1, 8192), "dense_num_blocks": (1, 8),
+                "id_bottle_size": (1, 4096), "pose_bottle_size": (1, 4096)}
 
 
 def _check_types(config):
@@ -119,10 +130,9 @@ def _check_yaml_keys(path, params):
 
 def from_upstream_yaml(path, image_size=None) -> TPSMMConfig:
     """Reads upstream TPSMM's YAML (``model_params``); image size from the name (ted-384) or 256."""
-    path = pathlib.Path(path)
-    if not path.is_file():
-        raise SafeTriageError(f"Config file {path} does not exist; pass an upstream TPSMM YAML "
-                              "(e.g. config/vox-256.yaml) or one of configs/*.py.")
+    from safetriage_jax.inputs import require_file
+    path = require_file(path, "Config file", "Pass an upstream TPSMM YAML (e.g. "
+                        "config/vox-256.yaml) or one of configs/*.py.")
     try:
         raw = yaml.safe_load(path.read_text())
         params = raw["model_params"]
@@ -131,7 +141,12 @@ def from_upstream_yaml(path, image_size=None) -> TPSMMConfig:
         gen = params["generator_params"]
         dense = params["dense_motion_params"]
         avd = params.get("avd_network_params", {})
-    except (yaml.YAMLError, KeyError, TypeError) as err:
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(err, "problem", None) or type(err).__name__
+        raise SafeTriageError(f"{path} is not valid YAML{where}: {problem}.") from None
+    except (KeyError, TypeError) as err:
         raise SafeTriageError(
             f"{path} is not an upstream TPSMM config: expected model_params with common_params, "
             f"generator_params and dense_motion_params ({type(err).__name__}: {err}).") from None
@@ -183,5 +198,7 @@ def load_model_config(spec, image_size=None) -> TPSMMConfig:
         return from_upstream_yaml(spec, image_size)
     if spec.partition(":")[0].endswith(".py"):
         return _from_python_config(spec)
+    if spec.partition(":")[2] or "/" in spec:  # a path with a variant, but not a .py file
+        locate_config(spec.partition(":")[0])
     raise SafeTriageError(f"Unknown config {spec!r}: pass an upstream YAML file, a configs/*.py "
                           f"file (optionally :variant), or one of {', '.join(PRESETS)}.")

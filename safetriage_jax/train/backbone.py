@@ -14,7 +14,7 @@ from safetriage_jax.errors import SafeTriageError
 from safetriage_jax.models.tpsmm import initialize
 from safetriage_jax.train import distributed
 from safetriage_jax.train import step as train_lib
-from safetriage_jax.train.trainer import MeshTrainer, fit, write_from_primary
+from safetriage_jax.train.trainer import MeshTrainer, fit, owned_workdir, write_from_primary
 
 
 def open_dataset(config, split):
@@ -98,9 +98,14 @@ def train(config, workdir, *, resume=False, progress=True, trainer=None):
 
     ``trainer``: a :class:`Trainer` of the same config to reuse (its compiled step) across calls.
     """
-    from safetriage_jax.model_dir import save_model
-    from safetriage_jax.data import pipeline
     workdir = pathlib.Path(workdir).expanduser().absolute()
+    with owned_workdir(workdir):
+        return _train(config, workdir, resume, progress, trainer)
+
+
+def _train(config, workdir, resume, progress, trainer):
+    from safetriage_jax.data import pipeline
+    from safetriage_jax.model_dir import save_model
     clips, cache_dir = open_dataset(config, "train")
     steps_per_epoch = pipeline.steps_per_epoch(clips, global_batch_size=config.train.batch_size,
                                                options=pair_options(config), cache_dir=cache_dir)

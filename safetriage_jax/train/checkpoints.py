@@ -44,8 +44,10 @@ class TrainCheckpoints:
     def restore_latest(self, state_like, meta=None):
         """(state, step) of the newest readable step, laid out like ``state_like`` (arrays or
         ShapeDtypeStructs with shardings); None when there is none. Raises when the step's
-        ``meta`` differs from ``meta`` (naming the first differing field)."""
-        for step in reversed(self.steps()):
+        ``meta`` differs from ``meta`` (naming the first differing field), and when every step
+        is unreadable (a resume must not silently start over)."""
+        steps = self.steps()
+        for step in reversed(steps):
             try:
                 stored = self._manager.restore(step, args=ocp.args.Composite(
                     meta=ocp.args.JsonRestore()))["meta"]
@@ -61,14 +63,18 @@ class TrainCheckpoints:
                 self._set_aside(step, err)
                 continue
             return restored["state"], step
+        if steps:
+            raise SafeTriageError(
+                f"Every checkpoint in {self.directory} is unreadable (steps {steps}, moved to "
+                f"{self.directory.name}-damaged/), so there is nothing to resume. Start a new "
+                "run without --resume, or in another work directory.")
         return None
 
     def _set_aside(self, step, err):
         """Reports the unreadable ``step`` and moves it out of the manager's way."""
-        reason = str(err).strip().splitlines()[0][:200] if str(err).strip() else type(err).__name__
+        reason = _short_reason(err)
         aside = self.directory.with_name(self.directory.name + "-damaged") / f"{step}-{int(time.time())}"
         if distributed.is_primary():
-            log.warning("Checkpoint step %d in %s is unreadable (%s).", step, self.directory, reason)
             print(f"warning: checkpoint step {step} in {self.directory} is unreadable ({reason}); "
                   f"moved it to {aside.parent} and falling back to the previous one.", flush=True)
         distributed.barrier(f"checkpoint-damaged-{step}-read")
@@ -84,6 +90,14 @@ class TrainCheckpoints:
     def close(self):
         self._manager.wait_until_finished()
         self._manager.close()
+
+
+def _short_reason(err):
+    """What a user can act on: orbax and TensorStore messages are internals (driver names,
+    byte ranges, source locations), so only the kind of damage is named."""
+    if isinstance(err, FileNotFoundError):
+        return "some of its files are missing"
+    return "its files are damaged or incomplete"
 
 
 def check_meta(stored, expected, directory):

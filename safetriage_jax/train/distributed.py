@@ -9,6 +9,8 @@ Kubernetes, Cloud TPU). A single-process run needs neither.
 import dataclasses
 import os
 import re
+import sys
+import threading
 
 import jax
 
@@ -84,20 +86,46 @@ def _words(name):
             "process_id": "process id"}[name]
 
 
-def initialize(launch: Launch = Launch(), *, auto=False) -> bool:
+DEFAULT_TIMEOUT_S = 300  # how long to wait for the coordinator and every process to join
+
+
+def initialize(launch: Launch = Launch(), *, auto=False, timeout_s=DEFAULT_TIMEOUT_S) -> bool:
     """Joins the multi-process run described by ``launch`` (or, with ``auto`` and no settings,
-    the detected cluster); CPU collectives go over gloo. Returns whether it initialized."""
+    the detected cluster); CPU collectives go over gloo. Returns whether it initialized.
+
+    When the coordinator cannot be reached or a process does not join within ``timeout_s``,
+    JAX would abort the process from C++ with a stack dump; a watchdog instead prints one
+    ``error:`` line naming the address and ends the process (exit code 2) just before."""
     if not launch.explicit and not auto:
         return False
+    if not 1 <= timeout_s <= 24 * 3600:
+        raise SafeTriageError(f"The coordinator timeout must be from 1 s to 24 h (got {timeout_s}).")
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    where = launch.coordinator_address or "the detected cluster's coordinator"
+    watchdog = threading.Timer(timeout_s, _give_up, args=(where, timeout_s))
+    watchdog.daemon = True
+    watchdog.start()
     try:
-        jax.distributed.initialize(**dataclasses.asdict(launch))
+        jax.distributed.initialize(**dataclasses.asdict(launch),
+                                   initialization_timeout=int(timeout_s) + 60)
     except (ValueError, RuntimeError) as err:
         reason = str(err).strip().splitlines()[0][:300] if str(err).strip() else type(err).__name__
         hint = ("" if launch.explicit else "; outside SLURM, Open MPI, Kubernetes or Cloud TPU, "
                 "give the coordinator address, the number of processes and the process id")
         raise SafeTriageError(f"Could not start the multi-process run ({reason}){hint}.") from None
+    finally:
+        watchdog.cancel()
     return True
+
+
+def _give_up(where, timeout_s):
+    """The watchdog's end: JAX's own timeout would abort with a C++ stack dump."""
+    sys.stderr.write(f"error: No multi-process run could be joined at {where} within "
+                     f"{timeout_s:g} s: the coordinator (process 0) is unreachable there or not "
+                     "every process started. Check the address and start every process, or "
+                     "raise --coordinator-timeout.\n")
+    sys.stderr.flush()
+    os._exit(2)
 
 
 def is_primary() -> bool:

@@ -24,7 +24,7 @@ from safetriage_jax.models import prompt as prompt_lib
 from safetriage_jax.models.policy import Policy
 from safetriage_jax.models.tpsmm import TPSMM
 from safetriage_jax.train import augment, losses
-from safetriage_jax.train.trainer import MeshTrainer, fit, write_from_primary
+from safetriage_jax.train.trainer import MeshTrainer, fit, owned_workdir, write_from_primary
 
 
 @flax.struct.dataclass
@@ -159,8 +159,13 @@ def patient_options(config, image_size):
 def train_prompt(config, workdir, *, resume=False, progress=True):
     """Trains the prompt generator against the frozen backbone ``config.backbone``; writes
     ``workdir/prompt``. Returns (final state, last metrics)."""
-    from safetriage_jax.model_dir import load_model, save_prompt
     workdir = pathlib.Path(workdir).expanduser().absolute()
+    with owned_workdir(workdir):
+        return _train_prompt(config, workdir, resume, progress)
+
+
+def _train_prompt(config, workdir, resume, progress):
+    from safetriage_jax.model_dir import load_model, save_prompt
     backbone_config, backbone = load_model(pathlib.Path(config.backbone).expanduser())
     trainer = PromptTrainer(config, backbone_config, backbone)
     batches = lambda start_step: patient_batches(

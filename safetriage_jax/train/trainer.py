@@ -7,6 +7,7 @@ reproduce across topologies at equal global batch.
 """
 
 import collections
+import contextlib
 import json
 import pathlib
 
@@ -108,6 +109,27 @@ class DevicePrefetch:
         return self._queue.popleft()
 
 
+@contextlib.contextmanager
+def owned_workdir(workdir):
+    """Claims ``workdir`` for this run before any work: a new or empty folder gets the tool's
+    mark, a folder without it is refused (never written into), and a lock refuses a second run
+    in it at the same time. Process 0 checks and locks; the others share its folder."""
+    if not distributed.is_primary():
+        yield
+        return
+    outputs.claim_folder(workdir)
+    try:
+        with outputs.folder_lock(workdir):
+            yield
+    except Exception as err:
+        code = outputs.os_error_code(err)
+        if code is None or isinstance(err, SafeTriageError):
+            raise
+        raise SafeTriageError(f"Training stopped: could not write in {workdir} "
+                              f"({outputs.describe_os_error(code)}). The checkpoints written "
+                              "before are kept: make room and continue with --resume.") from None
+
+
 def write_from_primary(write, name):
     """Runs ``write`` on process 0 only, then waits for it on every process."""
     if distributed.is_primary():
@@ -181,16 +203,9 @@ def run_steps(step, predict, state, batches, *, config, workdir, checkpoints, nu
 
 
 def _write_config(workdir, config):
-    """The run's config as ``workdir/config.json`` (atomically; replaces only an earlier run's)."""
+    """The run's config as ``workdir/config.json`` (atomically, marked; replaces only an earlier
+    run's)."""
     if distributed.is_primary():
-        outputs.write_text(workdir / "config.json", config.to_json_best_effort(indent=2),
-                           overwrite=True, recognise=_is_run_config)
+        outputs.write_json(workdir / "config.json", json.loads(config.to_json_best_effort()),
+                           overwrite=True)
 
-
-def _is_run_config(path):
-    """Whether ``path`` is a config.json this trainer wrote (a JSON object with 'train')."""
-    try:
-        config = json.loads(path.read_text())
-    except (OSError, ValueError):
-        return False
-    return isinstance(config, dict) and "train" in config
