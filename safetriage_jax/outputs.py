@@ -153,10 +153,15 @@ def check_name(out, kind):
     if allowed and not out.name.lower().endswith(allowed):
         raise SafeTriageError(f"Cannot write {out}: this output is written as "
                               f"{' or '.join(allowed)}; give it that extension.")
-    if len(out.name.encode()) > MAX_NAME_BYTES:
-        raise SafeTriageError(f"The output name {out.name[:40]}... is {len(out.name.encode())} "
-                              f"bytes long; at most {MAX_NAME_BYTES} are allowed. Choose a "
-                              "shorter name.")
+    _check_length(out)
+
+
+def _check_length(out):
+    name = pathlib.Path(out).name
+    if len(name.encode()) > MAX_NAME_BYTES:
+        raise SafeTriageError(f"The output name {name[:40]}... is {len(name.encode())} bytes "
+                              f"long; at most {MAX_NAME_BYTES} are allowed. Choose a shorter "
+                              "name.")
 
 
 def check_output(out, kind, *, inputs=(), overwrite=False, need_bytes=0):
@@ -167,7 +172,8 @@ def check_output(out, kind, *, inputs=(), overwrite=False, need_bytes=0):
     bound on the output's size, checked against the free space.
     """
     folder = kind == "folder"
-    if folder is False and _resolved(out).is_dir():
+    _check_length(out)  # first: the file system refuses even to look at a longer name
+    if not folder and _resolved(out).is_dir():
         raise SafeTriageError(f"{_resolved(out)} is a folder; the output must be a file path.")
     check_name(out, kind)
     out = _resolved(out)
