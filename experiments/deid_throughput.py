@@ -12,6 +12,7 @@ cache and the second is reported, so XLA compilation is excluded. Prints a table
 
 import argparse
 import json
+import os
 import pathlib
 import platform
 import tempfile
@@ -26,7 +27,8 @@ from safetriage_jax.models.config import load_model_config
 from safetriage_jax.models.tpsmm import init_variables
 from safetriage_jax.video import copy_first_frames
 
-SHARED = pathlib.Path(__file__).resolve().parents[2] / "shared" / "samples"
+SHARED = pathlib.Path(os.environ.get(
+    "SAFETRIAGE_SHARED", pathlib.Path(__file__).resolve().parents[2] / "shared")) / "samples"
 
 
 def twice(fn):
