@@ -145,10 +145,13 @@ class CenterFaceDetector:
 
 
 FACE_BACKENDS = ("jax", "dlib")
-DEFAULT_FACE_BACKEND = "dlib"
+# deid's and evaluate-deid's default: on the shared driving video, as is, mirrored and scaled,
+# the jax backend finds the face in the same frames as dlib's, blanks none (dlib: none) and
+# leaves no face uncovered (experiments/face_backend_parity.py).
+DEFAULT_FACE_BACKEND = "jax"
 
 
-def face_models(detector=None, backend=DEFAULT_FACE_BACKEND):
+def face_models(detector=None, backend="dlib"):
     """The process-wide face models of a backend: ``dlib`` (FaceModels, with ``detector``: hog
     by default, or centerface) or ``jax`` (CenterFace, landmarks and embedding in JAX, batched
     over frames; its detector is CenterFace). One object per process and choice: each loads
@@ -316,7 +319,7 @@ class FaceTracker:
 
     def __init__(self, models=None, recheck_every=25, min_iou=0.2, lost_after=5, lost_every=5,
                  subject=Subject(), scan_every_frame=False):
-        self.models = models or face_models()
+        self.models = models or face_models("hog")
         self.subject, self.scan_every_frame = subject, scan_every_frame
         self.recheck_every, self.min_iou = recheck_every, min_iou
         # After ``lost_after`` frames in a row without the face, the costly whole-frame search

@@ -16,6 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from safetriage_jax.deid.faces import dlib_rectangles, resize
+from safetriage_jax.errors import SafeTriageError
 from safetriage_jax.face_models import face_embedding, shape_predictor
 from safetriage_jax.face_models.centerface import CenterFace
 
@@ -36,7 +37,10 @@ class JaxFaceModels:
 
     def __init__(self, chunk=CHUNK):
         self.chunk = chunk
-        self.detector = CenterFace()  # raises SafeTriageError without the centerface extra
+        try:
+            self.detector = CenterFace()
+        except SafeTriageError as err:  # the centerface extra is missing
+            raise SafeTriageError(f"{err} Or use the reference: --face-backend dlib.") from None
         self.predictor = shape_predictor.load_shape_predictor()
         self.embedding_params = face_embedding.load_params()
 

@@ -162,12 +162,12 @@ def deidentify(input_path, identity_path, out_path, model_dir, *, options=DeidOp
     check_outputs(input_path, identity_path, out_path, model_dir, prompt_dir, report_dir,
                   overwrite)
     start_time = time.perf_counter()
+    models = face_models(options.detector, options.face_backend)  # first: a missing extra fails fast
     config, variables = load_model(model_dir)
     prompt = load_prompt(prompt_dir) if prompt_dir is not None else None
     animator = Animator(config, variables, options.mode, prompt, options.precision,
                         options.warp_implementation)
     size = config.image_size
-    models = face_models(options.detector, options.face_backend)
     identity, identity_marks, notes = identity_face(identity_path, size, options.framing, models)
     setup_done = time.perf_counter()
 
