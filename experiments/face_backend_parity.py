@@ -60,8 +60,9 @@ def compare(frames, fps):
                         "seconds": round(seconds, 1)}
     dlib, jax = tracks["dlib"], tracks["jax"]
     both_T = dlib.found_T & jax.found_T
-    distance_TN = np.linalg.norm(dlib.landmarks_T68x2[both_T] - jax.landmarks_T68x2[both_T], axis=-1)
-    corners_T4 = np.abs(face_boxes(dlib.landmarks_T68x2[both_T]) - face_boxes(jax.landmarks_T68x2[both_T]))
+    dlib_T68x2, jax_T68x2 = dlib.landmarks_T68x2[both_T], jax.landmarks_T68x2[both_T]
+    distance_TN = np.linalg.norm(dlib_T68x2 - jax_T68x2, axis=-1)
+    corners_T4 = np.abs(face_boxes(dlib_T68x2) - face_boxes(jax_T68x2))
     row["found_by_one_only"] = int((dlib.found_T != jax.found_T).sum())
     row["landmark_px"] = {"median": float(np.median(distance_TN)),
                           "p95": float(np.percentile(distance_TN, 95)),
@@ -69,8 +70,10 @@ def compare(frames, fps):
                           "share_within_2px": float((distance_TN <= 2).mean())}
     row["face_box_px"] = {"median": float(np.median(corners_T4)), "max": float(corners_T4.max())}
     # A leak: a frame one backend pastes whose square leaves the other's face outline showing.
-    row["jax_square_misses_dlib_face"] = int(uncovered_frames(plans["jax"], dlib.landmarks_T68x2).sum())
-    row["dlib_square_misses_jax_face"] = int(uncovered_frames(plans["dlib"], jax.landmarks_T68x2).sum())
+    for mine, theirs in (("jax", dlib), ("dlib", jax)):
+        other = "dlib" if mine == "jax" else "jax"
+        missed_T = uncovered_frames(plans[mine], theirs.landmarks_T68x2)
+        row[f"{mine}_square_misses_{other}_face"] = int(missed_T.sum())
     return row
 
 

@@ -11,7 +11,6 @@ compiles once per frame size.
 
 import functools
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 

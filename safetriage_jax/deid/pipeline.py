@@ -162,7 +162,7 @@ def deidentify(input_path, identity_path, out_path, model_dir, *, options=DeidOp
     check_outputs(input_path, identity_path, out_path, model_dir, prompt_dir, report_dir,
                   overwrite)
     start_time = time.perf_counter()
-    models = face_models(options.detector, options.face_backend)  # first: a missing extra fails fast
+    models = face_models(options.detector, options.face_backend)  # first: a missing extra
     config, variables = load_model(model_dir)
     prompt = load_prompt(prompt_dir) if prompt_dir is not None else None
     animator = Animator(config, variables, options.mode, prompt, options.precision,
