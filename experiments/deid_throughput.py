@@ -153,6 +153,8 @@ def main():
     for row in costs:
         print(f"{row['part']:<20} {row['flops'] / 1e9:>8.3f} {row['bytes'] / 1e6:>8.1f} "
               f"{row['flops'] / backbone['flops']:>17.3f} {row['roofline_ms']:>12.3f}")
+    print("(landmarks: XLA counts the body of the cascade's 15-level loop once, so its row is a "
+          "lower bound; by hand ~1 MFLOP and ~4 MB of leaf reads per face)")
 
     rows = []
     if not args.face_stage_only:
