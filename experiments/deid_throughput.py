@@ -30,12 +30,13 @@ import tempfile
 import time
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from safetriage_jax.animate import Animator, animate_video
-from safetriage_jax.deid.faces import FaceTracker, face_models
-from safetriage_jax.deid.jax_faces import cost_per_frame
+from safetriage_jax.deid.faces import FaceTracker, dlib_rectangles, face_models
 from safetriage_jax.deid.pipeline import DeidOptions, deidentify
+from safetriage_jax.face_models import face_embedding, shape_predictor
 from safetriage_jax.model_dir import save_model
 from safetriage_jax.models.config import load_model_config
 from safetriage_jax.models.tpsmm import init_variables
@@ -83,6 +84,32 @@ def _cost(compiled, batch):
     cost = cost[0] if isinstance(cost, (list, tuple)) else cost
     return {"flops": float(cost.get("flops", 0)) / batch,
             "bytes": float(cost.get("bytes accessed", 0)) / batch}
+
+
+def cost_per_frame(frames_BHW3, models=None):
+    """XLA's cost analysis of the jax face stage on a batch of frames: per frame FLOPs and
+    bytes accessed of the detector, the landmarks and the embedding (one face a frame).
+    Returns {part: {"flops": ..., "bytes": ...}} (runs detector and landmarks once for the
+    boxes and chips the later parts take)."""
+    models = models or face_models(backend="jax")
+    batch = len(frames_BHW3)
+    frames = jnp.asarray(frames_BHW3)
+    detector = models.detector
+    boxes_B4 = np.asarray(detector.detect_batch(np.asarray(frames_BHW3))[0])[:, 0]
+    rects_B4 = jnp.asarray(dlib_rectangles(boxes_B4))
+    marks = models.landmarks_frames(list(frames_BHW3), list(boxes_B4), batch=batch)
+    chips = face_embedding.extract_chips(frames_BHW3, np.round(marks))
+    lowered = {
+        "detector": detector._framed.lower(detector.params, frames),
+        "landmarks": shape_predictor.cascade.lower(
+            shape_predictor.device_arrays(models.predictor), shape_predictor.grey(frames),
+            rects_B4, models.predictor.depth),
+        "embedding": face_embedding.embed_chips.lower(models.embedding_params, chips),
+    }
+    out = {}
+    for part, low in lowered.items():
+        out[part] = _cost(low.compile(), batch)
+    return out
 
 
 def cost_rows(frames, config, variables, identity, batch, peak_tflops, bandwidth_tbs):

@@ -105,31 +105,3 @@ class JaxFaceModels:
 def jax_face_models():
     """The process-wide JaxFaceModels (each CenterFace compiles its own functions)."""
     return JaxFaceModels()
-
-
-def cost_per_frame(frames_BHW3, models=None):
-    """XLA's cost analysis of the jax face stage on a batch of frames: per frame FLOPs and
-    bytes accessed of the detector, the landmarks and the embedding (one face a frame).
-    Compiles, does not run. Returns {part: {"flops": ..., "bytes": ...}}."""
-    models = models or jax_face_models()
-    batch = len(frames_BHW3)
-    frames = jnp.asarray(frames_BHW3)
-    detector = models.detector
-    boxes_B4 = np.asarray(detector.detect_batch(np.asarray(frames_BHW3))[0])[:, 0]
-    rects_B4 = jnp.asarray(dlib_rectangles(boxes_B4))
-    marks = models.landmarks_frames(list(frames_BHW3), list(boxes_B4), batch=batch)
-    chips = face_embedding.extract_chips(frames_BHW3, np.round(marks))
-    lowered = {
-        "detector": detector._framed.lower(detector.params, frames),
-        "landmarks": shape_predictor.cascade.lower(
-            shape_predictor.device_arrays(models.predictor), shape_predictor.grey(frames),
-            rects_B4, models.predictor.depth),
-        "embedding": face_embedding.embed_chips.lower(models.embedding_params, chips),
-    }
-    out = {}
-    for part, low in lowered.items():
-        cost = low.compile().cost_analysis()
-        cost = cost[0] if isinstance(cost, (list, tuple)) else cost
-        out[part] = {"flops": float(cost.get("flops", 0)) / batch,
-                     "bytes": float(cost.get("bytes accessed", 0)) / batch}
-    return out
