@@ -60,18 +60,31 @@ def test_the_jax_track_matches_dlibs(mirrored):
     assert (jax.width, jax.height, jax.fps) == (dlib.width, dlib.height, dlib.fps)
 
 
+def _two_faces(frame):
+    """The frame's face at half size beside its mirror image, in a frame of the same size."""
+    half = resize(frame, 205, 206)  # the frames are 410 wide, 412 high
+    canvas = np.full_like(frame, 90)
+    canvas[103:309, :205], canvas[103:309, 205:] = half, half[:, ::-1]
+    return canvas
+
+
+def test_the_jax_tracker_notes_the_first_crowded_frame():
+    """Frames are associated a chunk at a time; the notes still name the right frame."""
+    frames = _driving_frames(CLIP)
+    frames[9] = _two_faces(frames[9])  # in the second chunk
+    track = FaceTracker(face_models(backend="jax")).track(frames, 25.0)
+    assert track.found_T.all()
+    assert any("1 checked frame(s) show more than one face (first at frame 9)" in note
+               for note in track.notes), track.notes
+
+
 @pytest.fixture(scope="module")
 def deid_run(tmp_path_factory, tiny_model_dir):
     """`deid --face-backend jax --paste-back` on the driving frames at half size beside their
     mirror image (a second face), then a faceless wall; the driving video's frame size, so the
     face models compiled for the track test are reused."""
     folder = tmp_path_factory.mktemp("jax-deid")
-    frames = []
-    for frame in _driving_frames(4):
-        half = resize(frame, 205, 206)  # the frames are 410 wide, 412 high
-        canvas = np.full_like(frame, 90)
-        canvas[103:309, :205], canvas[103:309, 205:] = half, half[:, ::-1]
-        frames.append(canvas)
+    frames = [_two_faces(frame) for frame in _driving_frames(4)]
     frames += [np.full_like(frames[0], 90)] * WALL
     video = folder / "in.mp4"
     with video_writer(video, 25, frames[0].shape[1], frames[0].shape[0]) as write:

@@ -369,8 +369,8 @@ def overlapping(box_4, boxes_N4, min_iou):
 
 
 class TrackRun:
-    """One pass of a FaceTracker over a stream of frames, a frame at a time (nothing kept but
-    boxes and landmarks)."""
+    """One pass of a FaceTracker over a stream of frames, a frame or a chunk at a time (nothing
+    kept but boxes and landmarks)."""
 
     def __init__(self, tracker, fps):
         self.tracker, self.fps = tracker, float(fps)
@@ -388,7 +388,7 @@ class TrackRun:
                 found = all_faces(tracker.models, frame)
             else:
                 found, _ = find_faces(tracker.models, frame)
-            box = self._searched(found, box)
+            box = self._searched(found, box, index)
         self._follow(box)
         marks = tracker.models.landmarks(frame, box) if box is not None else None
         return self._append(box, marks)
@@ -400,11 +400,12 @@ class TrackRun:
         models = self.tracker.models
         if not getattr(models, "batched", False):
             return [self.add(frame) for frame in frames]
-        boxes = []
-        for frame, found in zip(frames, models.detect_frames(frames)):
+        boxes, start = [], len(self.boxes)
+        for index, (frame, found) in enumerate(zip(frames, models.detect_frames(frames)), start):
             self.height, self.width = frame.shape[:2]
-            at = overlapping(self.last, found, self.tracker.min_iou) if self.last is not None else None
-            box = self._searched(found, found[at] if at is not None else None)
+            at = None if self.last is None else overlapping(self.last, found,
+                                                            self.tracker.min_iou)
+            box = self._searched(found, found[at] if at is not None else None, index)
             self._follow(box)
             boxes.append(box)
         found = [i for i, box in enumerate(boxes) if box is not None]
@@ -412,11 +413,12 @@ class TrackRun:
                                                         [boxes[i] for i in found])))
         return [self._append(box, marks.get(i)) for i, box in enumerate(boxes)]
 
-    def _searched(self, found_N4, box):
-        """After a whole-frame search that found ``found_N4`` (largest first): keeps them for
-        masking (``scan_every_frame``), notes a crowded frame, and returns the followed box,
-        (re)acquired when ``box`` is None: where the face was lost, else the subject."""
-        index, tracker = len(self.boxes), self.tracker
+    def _searched(self, found_N4, box, index):
+        """After a whole-frame search of frame ``index`` that found ``found_N4`` (largest
+        first): keeps them for masking (``scan_every_frame``), notes a crowded frame, and
+        returns the followed box, (re)acquired when ``box`` is None: where the face was lost,
+        else the subject."""
+        tracker = self.tracker
         if tracker.scan_every_frame:
             self.faces.append(found_N4)
         if len(found_N4) > 1:
