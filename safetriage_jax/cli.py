@@ -172,7 +172,8 @@ def cmd_deid(args):
                               "weights once: `safetriage port-weights --checkpoint vox.pth.tar "
                               f"--config vox-256 --out {DEFAULT_CHECKPOINT}` (or pass --checkpoint).")
     options = DeidOptions(mode=args.mode, reference=args.reference, paste_back=args.paste_back,
-                          detector=args.detector, keep_audio=args.keep_audio,
+                          detector=args.detector, face_backend=args.face_backend,
+                          keep_audio=args.keep_audio,
                           batch_size=args.batch, warp_implementation=args.warp_implementation,
                           precision=args.precision, framing=FramingOptions(scale=args.crop_scale),
                           subject=args.subject)
@@ -197,7 +198,8 @@ def cmd_evaluate_deid(args):
     metrics = evaluate_deid(args.original, args.deid, args.report, identity_path=args.identity,
                             gallery_dir=args.gallery, baselines=baselines,
                             max_frames=args.max_frames, stride=args.stride,
-                            overwrite=args.overwrite, show_original=args.report_show_original)
+                            overwrite=args.overwrite, show_original=args.report_show_original,
+                            face_backend=args.face_backend)
     print(f"{'method':<10} {'re-id rate':>10} {'top-1':>6} {'landmark r':>10} {'NME':>6}")
     for name, method in metrics["methods"].items():
         privacy, motion = method["privacy"], method["motion"]
@@ -253,6 +255,14 @@ def build_parser():
                    help="max relative error when --inputs also holds expected outputs")
     add_overwrite(p)
     p.set_defaults(func=cmd_parity)
+
+    def add_face_backend(p):
+        from safetriage_jax.deid.faces import DEFAULT_FACE_BACKEND, FACE_BACKENDS
+        p.add_argument("--face-backend", default=DEFAULT_FACE_BACKEND, choices=FACE_BACKENDS,
+                       help="face detection, landmarks and embeddings: jax (CenterFace and "
+                            "dlib's models in JAX, batched on the device; extra `centerface`) "
+                            f"or dlib (the reference, one frame at a time); default "
+                            f"{DEFAULT_FACE_BACKEND}")
 
     def add_animation_options(p):
         p.add_argument("--mode", default="relative", choices=["relative", "standard", "avd"])
@@ -333,8 +343,10 @@ def build_parser():
                         "with --paste-back every other face is masked black")
     p.add_argument("--keep-audio", action="store_true",
                    help="copy the input's audio (re-encoded AAC); dropped by default: voices identify")
-    p.add_argument("--detector", default="hog", choices=["hog", "centerface"],
-                   help="face detector: dlib HOG (default) or CenterFace (extra `centerface`)")
+    add_face_backend(p)
+    p.add_argument("--detector", default=None, choices=["hog", "centerface"],
+                   help="with --face-backend dlib: dlib HOG (default) or CenterFace run by "
+                        "OpenCV (extra `centerface`); the jax backend always uses CenterFace")
     add_animation_options(p)
     p.add_argument("--warp-implementation", default=None, help="grid-sample backend (default: best)")
     p.add_argument("--report-show-original", action="store_true",
@@ -359,6 +371,7 @@ def build_parser():
     p.add_argument("--report-show-original", action="store_true",
                    help="show the original's face in frames.png (the report then identifies "
                         "the patient)")
+    add_face_backend(p)
     add_overwrite(p, "an existing report folder")
     p.set_defaults(func=cmd_evaluate_deid)
 

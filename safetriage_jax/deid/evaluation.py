@@ -18,8 +18,8 @@ from tqdm.auto import tqdm
 from safetriage_jax import outputs
 from safetriage_jax.deid import landmarks
 from safetriage_jax.deid.baselines import BASELINES
-from safetriage_jax.deid.faces import (SAME_PERSON_DISTANCE, FaceTracker, TrackRun, face_models,
-                                      find_faces)
+from safetriage_jax.deid.faces import (DEFAULT_FACE_BACKEND, SAME_PERSON_DISTANCE, FaceTracker,
+                                       TrackRun, face_models, find_faces)
 from safetriage_jax.errors import SafeTriageError
 from safetriage_jax.video import VideoReader, read_image
 
@@ -85,30 +85,44 @@ class FrameSample:
 
 
 class Analyser:
-    """Tracks and embeds one video's face a frame at a time, keeping no frames.
+    """Tracks and embeds one video's face a chunk of frames at a time, keeping no frames.
 
     Where no face is detected, an attacker who knows where it is still fits landmarks there
     and embeds them: at the ``fallback_4`` passed with the frame (the original's box, for
     same-size videos) or, with ``own_fallback``, at this video's last detected box.
+    ``models``: the face models of the backend (``face_models``; dlib's by default).
     """
 
-    def __init__(self, fps, own_fallback=False):
-        self.models = face_models()
+    def __init__(self, fps, own_fallback=False, models=None):
+        self.models = models or face_models()
         self.run = TrackRun(FaceTracker(self.models), fps)
         self.own_fallback, self.last_box, self.embeddings = own_fallback, None, []
 
-    def add(self, frame, fallback_4=None):
-        """Analyses the next frame; returns its face box (None if not detected)."""
-        box, marks_68x2 = self.run.add(frame)
-        if box is None:
+    def add(self, frames, fallbacks=None):
+        """Analyses the next frames (``fallbacks``: a box_4 per frame, or None); returns
+        their face boxes (None where not detected)."""
+        fallbacks = [None] * len(frames) if fallbacks is None else fallbacks
+        tracked = self.run.add_chunk(frames)
+        boxes, marks, refit = [box for box, _ in tracked], [m for _, m in tracked], []
+        for t, (box, fallback_4) in enumerate(zip(boxes, fallbacks)):
+            if box is not None:
+                self.last_box = box
+                continue
             fallback_4 = self.last_box if self.own_fallback else fallback_4
             if fallback_4 is not None and not np.isnan(fallback_4).any():
-                marks_68x2 = self.models.landmarks(frame, fallback_4)
-        else:
-            self.last_box = box
-        self.embeddings.append(self.models.embedding(frame, marks_68x2) if marks_68x2 is not None
-                               else np.full(128, np.nan))
-        return box
+                refit.append((t, fallback_4))
+        if refit:
+            refitted = self.models.landmarks_frames([frames[t] for t, _ in refit],
+                                                    [box for _, box in refit])
+            for (t, _), marks_68x2 in zip(refit, refitted):
+                marks[t] = marks_68x2
+        embedded = [t for t, m in enumerate(marks) if m is not None]
+        embeddings_T128 = np.full((len(frames), 128), np.nan)
+        if embedded:
+            embeddings_T128[embedded] = self.models.embeddings([frames[t] for t in embedded],
+                                                               [marks[t] for t in embedded])
+        self.embeddings += list(embeddings_T128)
+        return boxes
 
     def result(self, frames):
         """(Analysis holding ``frames``, FaceTrack)."""
@@ -117,8 +131,7 @@ class Analyser:
         return Analysis(frames, track.landmarks_T68x2, track.found_T, embeddings_T128), track
 
 
-def _embed_largest_face(image_HW3):
-    models = face_models()
+def _embed_largest_face(image_HW3, models):
     boxes, _ = find_faces(models, image_HW3)
     if not len(boxes):
         return None
@@ -133,12 +146,12 @@ def _gallery_video_frames(path):
     return read_frames(path, stride, GALLERY_VIDEO_FRAMES)[0]
 
 
-def gallery_embeddings(identity_path=None, gallery_dir=None):
+def gallery_embeddings(identity_path=None, gallery_dir=None, models=None):
     """({name: mean embedding} of the identity image and of each image/video in
     ``gallery_dir``, notes on files skipped)."""
-    entries, notes = {}, []
+    entries, notes, models = {}, [], models or face_models()
     if identity_path is not None:
-        found = _embed_largest_face(read_image(identity_path))
+        found = _embed_largest_face(read_image(identity_path), models)
         if found is None:
             raise SafeTriageError(f"No face found in the identity image {identity_path}; pass the "
                                   "portrait the de-identified video was made from.")
@@ -157,7 +170,7 @@ def gallery_embeddings(identity_path=None, gallery_dir=None):
             images = _gallery_video_frames(path)
         else:
             continue
-        found = [e for e in map(_embed_largest_face, images) if e is not None]
+        found = [e for e in (_embed_largest_face(i, models) for i in images) if e is not None]
         if found:
             entries[f"gallery:{path.name}"] = np.mean(found, 0)
         else:
@@ -296,13 +309,15 @@ def _check_arguments(baselines, max_frames, stride):
 
 def evaluate_deid(original_path, deid_path, report_dir, *, identity_path=None, gallery_dir=None,
                   baselines=("blur", "pixelate", "mask"), max_frames=None, stride=1,
-                  overwrite=False, show_original=False, extra_json=None, progress=True):
+                  overwrite=False, show_original=False, extra_json=None, progress=True,
+                  face_backend=DEFAULT_FACE_BACKEND):
     """Evaluates ``deid_path`` against ``original_path`` and the baselines, writes the report
     (metrics.json, report.html, PNG plots) into ``report_dir`` and returns the metrics.
 
     The report names files, not folders; its frames.png shows the original with the face
     masked unless ``show_original``. ``overwrite`` replaces an earlier report folder;
-    ``extra_json`` ({file name: dict}) is written into the folder too.
+    ``extra_json`` ({file name: dict}) is written into the folder too. ``face_backend``: whose
+    face models track, fit and embed the faces (``faces.FACE_BACKENDS``).
 
     The returned dict is what metrics.json holds, plus "series": per method, the per-frame
     plot signals as NumPy arrays (metrics.json keeps only the asymmetry ones).
@@ -312,7 +327,8 @@ def evaluate_deid(original_path, deid_path, report_dir, *, identity_path=None, g
     _check_arguments(baselines, max_frames, stride)
     inputs = (original_path, deid_path, identity_path, gallery_dir)
     outputs.check_output(report_dir, "folder", inputs=inputs, overwrite=overwrite)
-    gallery, notes = gallery_embeddings(identity_path, gallery_dir)
+    models = face_models(backend=face_backend)
+    gallery, notes = gallery_embeddings(identity_path, gallery_dir, models)
     with VideoReader(original_path) as original_reader, VideoReader(deid_path) as deid_reader:
         fps = float(original_reader.fps)
         total = original_reader.num_frames
@@ -323,7 +339,7 @@ def evaluate_deid(original_path, deid_path, report_dir, *, identity_path=None, g
             original_frames = strided(original_reader, stride, max_frames)
             deid_frames = strided(deid_reader, stride, max_frames)
             original, methods, sample, notes_length = _analyse_streams(
-                original_frames, deid_frames, fps, baselines, bar)
+                original_frames, deid_frames, fps, baselines, bar, models)
     notes += notes_length
     original, track = original
     if not original.detected_T.any():
@@ -356,37 +372,59 @@ def evaluate_deid(original_path, deid_path, report_dir, *, identity_path=None, g
     return metrics
 
 
-def _analyse_streams(original_frames, deid_frames, fps, baselines, bar):
-    """One pass over both videos, a frame of each at a time: the original, the de-identified
-    video and each baseline (applied to the original frame) are tracked and embedded.
+def _paired_chunks(first, second, size):
+    """Lists of up to ``size`` (first, second) pairs from two iterators, until either ends;
+    then (as the generator's return value) whether each still had a frame left over."""
+    chunk = []
+    while True:
+        a, b = next(first, None), next(second, None)
+        if a is None or b is None:
+            if chunk:
+                yield chunk
+            return a is not None, b is not None
+        chunk.append((a, b))
+        if len(chunk) == size:
+            yield chunk
+            chunk = []
+
+
+def _analyse_streams(original_frames, deid_frames, fps, baselines, bar, models):
+    """One pass over both videos, a chunk of frames at a time: the original, the
+    de-identified video and each baseline (applied to the original frame) are tracked and
+    embedded with ``models``.
 
     Returns ((original Analysis, its FaceTrack), {method: Analyser}, FrameSample, notes)."""
-    original = Analyser(fps)
+    original = Analyser(fps, models=models)
     methods, sample, count = {}, FrameSample(), 0
+    pairs = _paired_chunks(original_frames, deid_frames, getattr(models, "chunk", 1))
     while True:
-        original_frame, deid_frame = next(original_frames, None), next(deid_frames, None)
-        if original_frame is None or deid_frame is None:
+        try:
+            chunk = next(pairs)
+        except StopIteration as end:
+            left_original, left_deid = end.value
             break
+        original_chunk, deid_chunk = [a for a, _ in chunk], [b for _, b in chunk]
         if not methods:
             # The attacker looks where the original's face is when the geometry matches
             # (baselines, paste-back); in a face-crop video, where that video last showed a face.
-            same_size = deid_frame.shape == original_frame.shape
-            methods = {"deid": Analyser(fps, own_fallback=not same_size),
-                       **{name: Analyser(fps) for name in baselines}}
-        box = original.add(original_frame)
-        box_4 = np.full(4, np.nan) if box is None else box
-        shown = {"original": original_frame, "deid": deid_frame}
-        methods["deid"].add(deid_frame, box_4 if not methods["deid"].own_fallback else None)
+            same_size = deid_chunk[0].shape == original_chunk[0].shape
+            methods = {"deid": Analyser(fps, own_fallback=not same_size, models=models),
+                       **{name: Analyser(fps, models=models) for name in baselines}}
+        boxes_4 = [np.full(4, np.nan) if box is None else box
+                   for box in original.add(original_chunk)]
+        shown = {"original": original_chunk, "deid": deid_chunk}
+        methods["deid"].add(deid_chunk, boxes_4 if not methods["deid"].own_fallback else None)
         for name in baselines:
-            shown[name] = BASELINES[name](original_frame, box_4)
-            methods[name].add(shown[name], box_4)
-        sample.offer(count, shown)
-        count += 1
-        bar.update(1)
+            shown[name] = [BASELINES[name](f, b) for f, b in zip(original_chunk, boxes_4)]
+            methods[name].add(shown[name], boxes_4)
+        for i in range(len(chunk)):
+            sample.offer(count + i, {name: frames[i] for name, frames in shown.items()})
+        count += len(chunk)
+        bar.update(len(chunk))
     if count == 0:
         raise SafeTriageError("The videos hold no frames to compare.")
-    rest_original = (original_frame is not None) + sum(1 for _ in original_frames)
-    rest_deid = (deid_frame is not None) + sum(1 for _ in deid_frames)
+    rest_original = left_original + sum(1 for _ in original_frames)
+    rest_deid = left_deid + sum(1 for _ in deid_frames)
     notes = []
     if rest_original or rest_deid:
         notes.append(f"The videos differ in length ({count + rest_original} original vs "

@@ -82,8 +82,26 @@ class FaceModels:
         return np.array(self._embed.compute_face_descriptor(np.ascontiguousarray(image_HW3), shape))
 
     def _rectangle(self, box_4):
-        x0, y0, x1, y1 = (int(round(v)) for v in box_4)
-        return self._dlib.rectangle(x0, y0, max(x1 - 1, x0 + 1), max(y1 - 1, y0 + 1))
+        return self._dlib.rectangle(*(int(v) for v in dlib_rectangles(box_4)[0]))
+
+    def landmarks_frames(self, frames, boxes):
+        """``landmarks`` of one box per frame (the batched backend's interface)."""
+        return [self.landmarks(frame, box) for frame, box in zip(frames, boxes)]
+
+    def embeddings(self, frames, landmarks):
+        """``embedding`` of one face per frame: (B, 128)."""
+        return np.array([self.embedding(f, m) for f, m in zip(frames, landmarks)]).reshape(-1, 128)
+
+
+def dlib_rectangles(boxes_B4):
+    """Float [x0, y0, x1, y1] boxes -> dlib rectangles [left, top, right, bottom] (int32,
+    inclusive corners): rounded, at least 2 px wide and high. The one rule both landmark
+    predictors (dlib's and the JAX one) are given their boxes by."""
+    boxes_B4 = np.round(np.asarray(boxes_B4, np.float64)).reshape(-1, 4)
+    left, top = boxes_B4[:, 0], boxes_B4[:, 1]
+    right = np.maximum(boxes_B4[:, 2] - 1, left + 1)
+    bottom = np.maximum(boxes_B4[:, 3] - 1, top + 1)
+    return np.stack([left, top, right, bottom], -1).astype(np.int32)
 
 
 # CenterFace boxes include the forehead. On the shared samples (23 frames) they are 0.91x dlib's
@@ -126,10 +144,33 @@ class CenterFaceDetector:
         return centerface_to_dlib_boxes(detections[:, :4] / factor), detections[:, 4]
 
 
+FACE_BACKENDS = ("jax", "dlib")
+# deid's and evaluate-deid's default: on the shared driving video, as is, mirrored and scaled,
+# the jax backend finds the face in the same frames as dlib's, blanks none (dlib: none) and
+# leaves no face uncovered (experiments/face_backend_parity.py).
+DEFAULT_FACE_BACKEND = "jax"
+
+
+def face_models(detector=None, backend="dlib"):
+    """The process-wide face models of a backend: ``dlib`` (FaceModels, with ``detector``: hog
+    by default, or centerface) or ``jax`` (CenterFace, landmarks and embedding in JAX, batched
+    over frames; its detector is CenterFace). One object per process and choice: each loads
+    its models once (and the jax one compiles its functions once per shape)."""
+    if backend not in FACE_BACKENDS:
+        raise SafeTriageError(f"Unknown face backend {backend!r}; choose one of "
+                              f"{', '.join(FACE_BACKENDS)}.")
+    if backend == "jax":
+        if detector not in (None, "centerface"):
+            raise SafeTriageError(f"The jax face backend detects with CenterFace; the detector "
+                                  f"{detector!r} needs --face-backend dlib.")
+        from safetriage_jax.deid.jax_faces import jax_face_models
+        return jax_face_models()
+    return _dlib_face_models(detector or "hog")
+
+
 @functools.lru_cache(maxsize=2)
-def face_models(detector="hog"):
-    """The process-wide FaceModels (loading the dlib models takes about a second)."""
-    return FaceModels(detector)
+def _dlib_face_models(detector):
+    return FaceModels(detector)  # loading the dlib models takes about a second
 
 
 def box_area(boxes_N4):
@@ -293,23 +334,43 @@ class FaceTracker:
         if not len(boxes):
             return None
         boxes = boxes * ((x1 - x0) / TRACK_SIDE) + np.array([x0, y0, x0, y0])
-        overlap = box_iou(box, boxes)
-        best = int(np.argmax(overlap))
-        return boxes[best] if overlap[best] >= self.min_iou else None
+        best = overlapping(box, boxes, self.min_iou)
+        return boxes[best] if best is not None else None
 
     def track(self, frames, fps, progress=None):
         """Runs over an iterable of (H, W, 3) uint8 frames; returns a FaceTrack."""
         run = TrackRun(self, fps)
-        for frame in frames:
-            run.add(frame)
+        for chunk in chunks(frames, getattr(self.models, "chunk", 1)):
+            run.add_chunk(chunk)
             if progress is not None:
-                progress.update(1)
+                progress.update(len(chunk))
         return run.result()
 
 
+def chunks(items, size):
+    """Lists of ``size`` consecutive items (the last one shorter)."""
+    chunk = []
+    for item in items:
+        chunk.append(item)
+        if len(chunk) == size:
+            yield chunk
+            chunk = []
+    if chunk:
+        yield chunk
+
+
+def overlapping(box_4, boxes_N4, min_iou):
+    """Index of the box overlapping ``box_4`` most, if by at least ``min_iou``; else None."""
+    if not len(boxes_N4):
+        return None
+    overlap = box_iou(box_4, boxes_N4)
+    best = int(np.argmax(overlap))
+    return best if overlap[best] >= min_iou else None
+
+
 class TrackRun:
-    """One pass of a FaceTracker over a stream of frames, a frame at a time (nothing kept but
-    boxes and landmarks)."""
+    """One pass of a FaceTracker over a stream of frames, a frame or a chunk at a time (nothing
+    kept but boxes and landmarks)."""
 
     def __init__(self, tracker, fps):
         self.tracker, self.fps = tracker, float(fps)
@@ -325,20 +386,56 @@ class TrackRun:
         if tracker.scan_every_frame or (box is None and not skip) or index % tracker.recheck_every == 0:
             if tracker.scan_every_frame:
                 found = all_faces(tracker.models, frame)
-                self.faces.append(found)
             else:
                 found, _ = find_faces(tracker.models, frame)
-            if len(found) > 1:
-                self.crowded.append(index)
-            if box is None and len(found):
-                chosen = tracker.subject.pick(found, self.width, self.height)
-                if self.last is not None:  # lost: prefer the face where ours was, else the subject
-                    overlap = box_iou(self.last, found)
-                    chosen = int(np.argmax(overlap)) if overlap.max() >= tracker.min_iou else chosen
-                box = found[chosen] if chosen is not None else None
+            box = self._searched(found, box, index)
+        self._follow(box)
+        marks = tracker.models.landmarks(frame, box) if box is not None else None
+        return self._append(box, marks)
+
+    def add_chunk(self, frames):
+        """``add`` for a list of frames; a batched backend (``models.batched``: the jax one)
+        finds every face of every frame in one device call, follows the face from box to box
+        here (the same choice as ``add``), then fits the landmarks in one device call."""
+        models = self.tracker.models
+        if not getattr(models, "batched", False):
+            return [self.add(frame) for frame in frames]
+        boxes, start = [], len(self.boxes)
+        for index, (frame, found) in enumerate(zip(frames, models.detect_frames(frames)), start):
+            self.height, self.width = frame.shape[:2]
+            at = None if self.last is None else overlapping(self.last, found,
+                                                            self.tracker.min_iou)
+            box = self._searched(found, found[at] if at is not None else None, index)
+            self._follow(box)
+            boxes.append(box)
+        found = [i for i, box in enumerate(boxes) if box is not None]
+        marks = dict(zip(found, models.landmarks_frames([frames[i] for i in found],
+                                                        [boxes[i] for i in found])))
+        return [self._append(box, marks.get(i)) for i, box in enumerate(boxes)]
+
+    def _searched(self, found_N4, box, index):
+        """After a whole-frame search of frame ``index`` that found ``found_N4`` (largest
+        first): keeps them for masking (``scan_every_frame``), notes a crowded frame, and
+        returns the followed box, (re)acquired when ``box`` is None: where the face was lost,
+        else the subject."""
+        tracker = self.tracker
+        if tracker.scan_every_frame:
+            self.faces.append(found_N4)
+        if len(found_N4) > 1:
+            self.crowded.append(index)
+        if box is None and len(found_N4):
+            chosen = tracker.subject.pick(found_N4, self.width, self.height)
+            if self.last is not None:  # lost: prefer the face where ours was, else the subject
+                again = overlapping(self.last, found_N4, tracker.min_iou)
+                chosen = again if again is not None else chosen
+            box = found_N4[chosen] if chosen is not None else None
+        return box
+
+    def _follow(self, box):
         self.last = box if box is not None else self.last
         self.misses = 0 if box is not None else self.misses + 1
-        marks = tracker.models.landmarks(frame, box) if box is not None else None
+
+    def _append(self, box, marks):
         self.boxes.append(box if box is not None else np.full(4, np.nan))
         self.marks.append(marks if marks is not None else np.full((68, 2), np.nan))
         return box, marks

@@ -20,8 +20,8 @@ from tqdm.auto import tqdm
 from safetriage_jax import outputs
 from safetriage_jax.animate import MODES, Animator, check_batch_size
 from safetriage_jax.deid import landmarks
-from safetriage_jax.deid.faces import (DETECTORS, FaceTracker, Subject, crop_square, face_models,
-                                       find_faces)
+from safetriage_jax.deid.faces import (DEFAULT_FACE_BACKEND, DETECTORS, FACE_BACKENDS,
+                                       FaceTracker, Subject, crop_square, face_models, find_faces)
 from safetriage_jax.deid.framing import (BLANK, FramingOptions, black_out, face_boxes, other_faces,
                                          paste, plan_crops, runs, uncovered_frames)
 from safetriage_jax.errors import SafeTriageError
@@ -36,7 +36,8 @@ class DeidOptions:
     mode: str = "relative"  # relative (convex-hull scaled) | standard | avd
     reference: str = "first"  # which frame relative motion starts from: first | neutral | best
     paste_back: bool = False  # full frames with the face replaced, instead of the face crop
-    detector: str = "hog"  # dlib HOG, or CenterFace (the `centerface` extra)
+    detector: str | None = None  # dlib backend: hog (default) or centerface (OpenCV)
+    face_backend: str = DEFAULT_FACE_BACKEND  # jax (batched, on the device) | dlib (reference)
     keep_audio: bool = False  # off by default: a voice identifies a person too
     batch_size: int = 16
     framing: FramingOptions = FramingOptions()
@@ -48,9 +49,10 @@ class DeidOptions:
 def _check(options):
     check_batch_size(options.batch_size)
     Subject.parse(options.subject)
-    choices = {"reference": REFERENCES, "mode": MODES, "detector": DETECTORS}
+    choices = {"reference": REFERENCES, "mode": MODES, "detector": DETECTORS,
+               "face_backend": FACE_BACKENDS}
     for name, allowed in choices.items():
-        if getattr(options, name) not in allowed:
+        if getattr(options, name) not in allowed and getattr(options, name) is not None:
             raise SafeTriageError(f"Unknown {name} {getattr(options, name)!r}; choose one of "
                                   f"{', '.join(allowed)}.")
 
@@ -160,12 +162,12 @@ def deidentify(input_path, identity_path, out_path, model_dir, *, options=DeidOp
     check_outputs(input_path, identity_path, out_path, model_dir, prompt_dir, report_dir,
                   overwrite)
     start_time = time.perf_counter()
+    models = face_models(options.detector, options.face_backend)  # first: a missing extra
     config, variables = load_model(model_dir)
     prompt = load_prompt(prompt_dir) if prompt_dir is not None else None
     animator = Animator(config, variables, options.mode, prompt, options.precision,
                         options.warp_implementation)
     size = config.image_size
-    models = face_models(options.detector)
     identity, identity_marks, notes = identity_face(identity_path, size, options.framing, models)
     setup_done = time.perf_counter()
 
@@ -194,7 +196,7 @@ def deidentify(input_path, identity_path, out_path, model_dir, *, options=DeidOp
         "input": _name(input_path), "identity": _name(identity_path), "output": _name(out_path),
         "model": _name(model_dir), "prompt": None if prompt_dir is None else _name(prompt_dir),
         "mode": options.mode, "paste_back": options.paste_back, "subject": options.subject,
-        "masked_frames": masked_frames,
+        "masked_frames": masked_frames, "face_backend": options.face_backend,
         "frames": track.num_frames, "fps": fps, "face_frames": counts["face"],
         "filled_frames": counts["filled"], "blank_frames": counts["blank"],
         "uncovered_frames": int(uncovered_T.sum()),
@@ -212,6 +214,7 @@ def deidentify(input_path, identity_path, out_path, model_dir, *, options=DeidOp
         try:
             evaluate_deid(input_path, out_path, report_dir, identity_path=identity_path,
                           progress=progress, overwrite=overwrite,
+                          face_backend=options.face_backend,
                           show_original=report_show_original, extra_json={"deid.json": summary})
         except BaseException:  # interrupted or failed: no video without its report
             pathlib.Path(out_path).unlink(missing_ok=True)

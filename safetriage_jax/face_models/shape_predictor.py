@@ -25,6 +25,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from safetriage_jax.deid.faces import dlib_rectangles  # the box rule dlib's predictor gets too
 from safetriage_jax.errors import SafeTriageError
 from safetriage_jax.face_models import dlib_format
 
@@ -135,16 +136,6 @@ def _parse(ints):
         thresholds_LTS=dlib_format.floats_from_ints(splits_LTS4[..., 2],
                                                     splits_LTS4[..., 3]).astype(np.float32),
         leaves_LTKN2=leaves_LTKN2.reshape(*leaves_LTKN2.shape[:3], -1, 2))
-
-
-def dlib_rectangles(boxes_B4):
-    """Float [x0, y0, x1, y1] boxes -> dlib rectangles [left, top, right, bottom] (int32,
-    inclusive corners), rounded as ``FaceModels`` does for dlib's own predictor."""
-    boxes_B4 = np.round(np.asarray(boxes_B4, np.float64)).reshape(-1, 4)
-    left, top = boxes_B4[:, 0], boxes_B4[:, 1]
-    right = np.maximum(boxes_B4[:, 2] - 1, left + 1)
-    bottom = np.maximum(boxes_B4[:, 3] - 1, top + 1)
-    return np.stack([left, top, right, bottom], -1).astype(np.int32)
 
 
 def grey(images_BHW3):
