@@ -29,7 +29,7 @@ class TritonConfig:
 
     Triton blocks are powers of two (tails are masked): the channel block is the smallest power
     of two covering C, capped at ``max_block_channels``; the pixel block fills the rest of
-    ``block_elements``. Not tuned on a GPU yet (no device measured): plain Triton defaults.
+    ``block_elements``. One config per kernel (``TRITON``).
     """
     block_elements: int = 4096      # pixels x channels per program
     max_block_channels: int = 64
@@ -43,7 +43,14 @@ class TritonConfig:
         return max(self.min_block_pixels, self.block_elements // block_c), block_c
 
 
-TRITON = TritonConfig()
+# Per kernel, sized from ptxas -v for an H100 (sm_90a, compiled on a CPU by
+# experiments/aot_compile.py; not timed on a GPU): the fewest elements per thread that keep
+# every model shape at 0 spills with <= 255 registers. See README "Compiler truth".
+TRITON = {
+    "forward": TritonConfig(),
+    "d_image": TritonConfig(),
+    "d_grid": TritonConfig(),
+}
 
 
 # --- pallas_mosaic_tpu (TPU) tiles ----------------------------------------------------------
