@@ -23,15 +23,17 @@ from jax.experimental.pallas import tpu as pltpu
 from safetriage_jax.kernels.grid_sample import config as tile_config
 from safetriage_jax.kernels.grid_sample import pallas_mosaic_tpu_vjp as vjp
 from safetriage_jax.kernels.grid_sample.pallas_mosaic_tpu_common import (
-    NUM_TAPS, flat_read_image, from_blocks, interpolation_matrix, interpret_params,
-    load_window, make_geometry, make_plan, num_windows_of, to_blocks, window_origin)
+    NUM_TAPS, flat_read_image, from_blocks, interpolation_matrix_t, interpret_params,
+    load_window, make_geometry, make_plan, matmul_t, num_windows_of, to_blocks, window_origin)
+from safetriage_jax.kernels.grid_sample.platforms import kernel_or_interpreter
 from safetriage_jax.kernels.grid_sample.reference import source_coordinates
 
 PLATFORM = "tpu"
 DTYPES = (jnp.float32, jnp.bfloat16)
 VMEM_BUDGET_BYTES = 16 * 2**20  # v5e's default scoped VMEM; the kernels' working sets stay under
 MAX_INDEX = 2**31 - 1           # flat pixel indices are int32
-LANES = 128                     # a (P, 4) or (P, 3) block occupies whole 128-lane vregs
+LANES = 128                     # a (P, C < 128) block occupies whole 128-lane vregs
+SUBLANES = 8                    # a (4, P) or (2, P) block occupies whole 8-sublane vregs
 
 
 def _forward_kernel(reads_ref, row_ref, col_ref, weight_ref, image_hbm, out_ref,
@@ -41,9 +43,9 @@ def _forward_kernel(reads_ref, row_ref, col_ref, weight_ref, image_hbm, out_ref,
     def add_window(i, acc_PC):
         top, left = window_origin(reads_ref, b, j, i, geometry)
         load_window(image_hbm, b, top, left, window_vmem, semaphore, geometry)
-        matrix = interpolation_matrix(row_ref[0], col_ref[0], weight_ref[0], top, left, geometry)
-        return acc_PC + jnp.dot(matrix, window_vmem[...].astype(jnp.float32),
-                                preferred_element_type=jnp.float32)
+        matrix_t = interpolation_matrix_t(row_ref[0], col_ref[0], weight_ref[0], top, left,
+                                          geometry)
+        return acc_PC + matmul_t(matrix_t, window_vmem[...])
 
     acc_PC = jnp.zeros(out_ref.shape[1:], jnp.float32)
     acc_PC = jax.lax.fori_loop(0, num_windows_of(reads_ref, b, j), add_window, acc_PC)
@@ -54,8 +56,8 @@ def forward(image_BPC, plan, geometry, interpret):
     """(B, padded pixels, C) samples at the plan's taps, tile-major (``from_blocks`` undoes it)."""
     g = geometry
     batch = image_BPC.shape[0]
-    tap_spec = pl.BlockSpec((1, g.block_pixels, NUM_TAPS), lambda b, j, *_: (b, j, 0))
-    return pl.pallas_call(
+    tap_spec = pl.BlockSpec((1, NUM_TAPS, g.block_pixels), lambda b, j, *_: (b, 0, j))
+    make_call = lambda interpret_flag: pl.pallas_call(
         functools.partial(_forward_kernel, geometry=g),
         grid_spec=pltpu.PrefetchScalarGridSpec(
             num_scalar_prefetch=1,
@@ -67,8 +69,9 @@ def forward(image_BPC, plan, geometry, interpret):
         ),
         out_shape=jax.ShapeDtypeStruct((batch, g.padded_pixels, g.channels), image_BPC.dtype),
         compiler_params=pltpu.CompilerParams(dimension_semantics=("parallel", "parallel")),
-        interpret=interpret_params(interpret),
-    )(plan.reads_4BJ, plan.row_BQ4, plan.col_BQ4, plan.weight_BQ4, image_BPC)
+        interpret=interpret_params(interpret_flag))
+    return kernel_or_interpreter(make_call, (PLATFORM,), interpret, plan.reads_4BJ,
+                                 plan.row_B4Q, plan.col_B4Q, plan.weight_B4Q, image_BPC)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
@@ -113,7 +116,7 @@ def check_supported(image_BHWC, geometry):
     # The largest step's VMEM (d_coordinates: two matrices, taps, window, accumulators; the
     # d_image step's output window block is counted with the window), float32 upper bounds.
     matrices = 2 * g.block_pixels * g.window_pixels * 4
-    taps = 2 * 3 * g.block_pixels * LANES * 4
+    taps = 2 * 5 * SUBLANES * g.block_pixels * 4  # (4, P) blocks fill 8 sublanes
     windows = 3 * g.window_pixels * max(g.channels, LANES) * 4
     pixel_blocks = 4 * g.block_pixels * max(g.channels, LANES) * 4
     if matrices + taps + windows + pixel_blocks > VMEM_BUDGET_BYTES:
@@ -127,11 +130,10 @@ def grid_sample(image_BHWC, grid_NHW2, *, padding_mode="zeros", align_corners=Tr
                 interpret=None, config=None):
     """The op (see ``reference``) on TPU; ``config`` is a ``MosaicTpuConfig`` (tile sizes).
 
-    ``interpret=None`` interprets whenever the default backend is not a TPU.
+    ``interpret=None`` compiles the kernels where the program is lowered for a TPU and
+    interprets them elsewhere (``platforms``), whatever the host's default backend.
     """
     config = tile_config.MOSAIC_TPU if config is None else config
-    if interpret is None:
-        interpret = jax.default_backend() != PLATFORM
     batch, height, width, channels = image_BHWC.shape
     num_grids, out_h, out_w, _ = grid_NHW2.shape
     num_pixels = num_grids // batch * out_h * out_w
@@ -141,5 +143,6 @@ def grid_sample(image_BHWC, grid_NHW2, *, padding_mode="zeros", align_corners=Tr
     grid_BQ2 = grid_NHW2.astype(jnp.float32).reshape(batch, num_pixels, 2)
     ix_BQ = source_coordinates(grid_BQ2[..., 0], width, padding_mode, align_corners)
     iy_BQ = source_coordinates(grid_BQ2[..., 1], height, padding_mode, align_corners)
-    out_BQC = sample_pixels(image_BHWC, ix_BQ, iy_BQ, geometry, bool(interpret))
+    out_BQC = sample_pixels(image_BHWC, ix_BQ, iy_BQ, geometry,
+                            None if interpret is None else bool(interpret))
     return out_BQC.reshape(num_grids, out_h, out_w, channels)
