@@ -23,8 +23,9 @@ from jax.experimental.pallas import tpu as pltpu
 from safetriage_jax.kernels.grid_sample import config as tile_config
 from safetriage_jax.kernels.grid_sample import pallas_mosaic_tpu_vjp as vjp
 from safetriage_jax.kernels.grid_sample.pallas_mosaic_tpu_common import (
-    NUM_TAPS, flat_read_image, from_blocks, interpolation_matrix_t, interpret_params,
-    load_window, make_geometry, make_plan, matmul_t, num_windows_of, to_blocks, window_origin)
+    NUM_TAPS, flat_read_image, from_blocks, from_kernel_layout, interpolation_matrix_t,
+    interpret_params, load_window, make_geometry, make_plan, num_windows_of, pixel_values_spec,
+    sample_window, to_blocks, to_kernel_layout, window_origin)
 from safetriage_jax.kernels.grid_sample.platforms import kernel_or_interpreter
 from safetriage_jax.kernels.grid_sample.reference import source_coordinates
 
@@ -40,20 +41,21 @@ def _forward_kernel(reads_ref, row_ref, col_ref, weight_ref, image_hbm, out_ref,
                     window_vmem, semaphore, *, geometry):
     b, j = pl.program_id(0), pl.program_id(1)
 
-    def add_window(i, acc_PC):
+    def add_window(i, acc):  # (C, P) or (P, C)
         top, left = window_origin(reads_ref, b, j, i, geometry)
         load_window(image_hbm, b, top, left, window_vmem, semaphore, geometry)
         matrix_t = interpolation_matrix_t(row_ref[0], col_ref[0], weight_ref[0], top, left,
                                           geometry)
-        return acc_PC + matmul_t(matrix_t, window_vmem[...])
+        return acc + sample_window(matrix_t, window_vmem[...], geometry)
 
-    acc_PC = jnp.zeros(out_ref.shape[1:], jnp.float32)
-    acc_PC = jax.lax.fori_loop(0, num_windows_of(reads_ref, b, j), add_window, acc_PC)
-    out_ref[0] = acc_PC.astype(out_ref.dtype)
+    acc = jnp.zeros(out_ref.shape[1:], jnp.float32)
+    acc = jax.lax.fori_loop(0, num_windows_of(reads_ref, b, j), add_window, acc)
+    out_ref[0] = acc.astype(out_ref.dtype)
 
 
 def forward(image_BPC, plan, geometry, interpret):
-    """(B, padded pixels, C) samples at the plan's taps, tile-major (``from_blocks`` undoes it)."""
+    """Samples at the plan's taps, tile-major, in the kernels' layout (``from_kernel_layout``
+    and ``from_blocks`` undo it)."""
     g = geometry
     batch = image_BPC.shape[0]
     tap_spec = pl.BlockSpec((1, NUM_TAPS, g.block_pixels), lambda b, j, *_: (b, 0, j))
@@ -63,11 +65,13 @@ def forward(image_BPC, plan, geometry, interpret):
             num_scalar_prefetch=1,
             grid=(batch, g.num_blocks),
             in_specs=[tap_spec, tap_spec, tap_spec, pl.BlockSpec(memory_space=pl.ANY)],
-            out_specs=pl.BlockSpec((1, g.block_pixels, g.channels), lambda b, j, *_: (b, j, 0)),
+            out_specs=pixel_values_spec(g, lambda b, j, *_: (b, j)),
             scratch_shapes=[pltpu.VMEM((g.window_pixels, g.channels), image_BPC.dtype),
                             pltpu.SemaphoreType.DMA(())],
         ),
-        out_shape=jax.ShapeDtypeStruct((batch, g.padded_pixels, g.channels), image_BPC.dtype),
+        out_shape=jax.ShapeDtypeStruct(
+            (batch,) + ((g.channels, g.padded_pixels) if g.channels_major
+                        else (g.padded_pixels, g.channels)), image_BPC.dtype),
         compiler_params=pltpu.CompilerParams(dimension_semantics=("parallel", "parallel")),
         interpret=interpret_params(interpret_flag))
     return kernel_or_interpreter(make_call, (PLATFORM,), interpret, plan.reads_4BJ,
@@ -78,8 +82,8 @@ def forward(image_BPC, plan, geometry, interpret):
 def sample_pixels(image_BHWC, ix_BQ, iy_BQ, geometry, interpret):
     """(B, Q, C) bilinear samples at pixel coordinates (already through the padding rules)."""
     plan = make_plan(ix_BQ, iy_BQ, geometry)
-    out_BQC = forward(flat_read_image(image_BHWC, geometry), plan, geometry, interpret)
-    return from_blocks(out_BQC, geometry).reshape(ix_BQ.shape + (geometry.channels,))
+    out = forward(flat_read_image(image_BHWC, geometry), plan, geometry, interpret)
+    return from_blocks(from_kernel_layout(out, geometry), geometry).reshape(ix_BQ.shape + (geometry.channels,))
 
 
 def _sample_pixels_fwd(image_BHWC, ix_BQ, iy_BQ, geometry, interpret):
@@ -91,9 +95,10 @@ def _sample_pixels_bwd(geometry, interpret, residuals, cotangent_BQC):
     g = geometry
     batch, height, width, channels = image_BHWC.shape
     plan = make_plan(ix_BQ, iy_BQ, g)
-    cotangent_BQC = to_blocks(cotangent_BQC.reshape(batch, g.out_rows, g.out_cols, channels), g)
-    d_image_BHWC = vjp.d_image(cotangent_BQC, plan, g, interpret)[:, :height, :width]
-    d_x_BQ, d_y_BQ = vjp.d_coordinates(flat_read_image(image_BHWC, g), cotangent_BQC, plan, g,
+    cotangent = to_kernel_layout(
+        to_blocks(cotangent_BQC.reshape(batch, g.out_rows, g.out_cols, channels), g), g)
+    d_image_BHWC = vjp.d_image(cotangent, plan, g, interpret)[:, :height, :width]
+    d_x_BQ, d_y_BQ = vjp.d_coordinates(flat_read_image(image_BHWC, g), cotangent, plan, g,
                                        interpret)
     return (d_image_BHWC.astype(image_BHWC.dtype),
             from_blocks(d_x_BQ, g).reshape(ix_BQ.shape),

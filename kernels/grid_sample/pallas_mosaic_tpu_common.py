@@ -17,7 +17,9 @@ d_image block is one window), and the pre-pass also gives the range of those a t
 Layouts are lane-dense: the pre-pass's per-pixel arrays are (B, 4, pixels) and the coordinate
 gradients (B, 2, pixels), pixels on the 128-wide lane axis (a (B, pixels, 4) array would be
 padded to 128 lanes in HBM, 32x). Kernels therefore build the transposed matrix
-M^T (window pixels x P) from (4, P) taps.
+M^T (window pixels x P) from (4, P) taps. For the same reason, images of fewer than 128
+channels have their per-pixel values (samples, cotangents, d_image windows) channel-major,
+(B, C, pixels), and wider ones pixel-major, (B, pixels, C) (``Geometry.channels_major``).
 """
 
 import dataclasses
@@ -64,6 +66,11 @@ class Geometry:
     @property
     def padded_pixels(self):
         return self.num_blocks * self.block_pixels
+
+    @property
+    def channels_major(self):
+        """Per-pixel values as (C, pixels): C on the lanes would pad to 128 lanes in HBM."""
+        return self.channels < LANES
 
     @property
     def window_grid(self):
@@ -270,10 +277,40 @@ def interpolation_matrix_t(row_4P, col_4P, weight_4P, top, left, geometry):
     return matrix
 
 
-def matmul_t(matrix_t_WP, window_WC):
-    """(P, C) float32 = M @ window from M^T (a transposed-operand MXU matmul, no transpose)."""
-    return jax.lax.dot_general(matrix_t_WP, window_WC.astype(jnp.float32),
-                               (((0,), (0,)), ((), ())), preferred_element_type=jnp.float32)
+def contract(a, b, a_dim, b_dim):
+    """float32 MXU product of ``a`` and ``b`` over ``a_dim`` and ``b_dim`` (transposed operands
+    need no transpose)."""
+    return jax.lax.dot_general(a.astype(jnp.float32), b.astype(jnp.float32),
+                               (((a_dim,), (b_dim,)), ((), ())),
+                               preferred_element_type=jnp.float32)
+
+
+def sample_window(matrix_t_WP, window_WC, geometry):
+    """M @ window from M^T: (C, P) if ``geometry.channels_major``, else (P, C)."""
+    if geometry.channels_major:
+        return contract(window_WC, matrix_t_WP, 0, 0)
+    return contract(matrix_t_WP, window_WC, 0, 0)
+
+
+def pixel_values_spec(geometry, index_map):
+    """BlockSpec of one tile of per-pixel values ((1, C, P) or (1, P, C)); ``index_map`` gives
+    (b, tile)."""
+    g = geometry
+    if g.channels_major:
+        return pl.BlockSpec((1, g.channels, g.block_pixels),
+                            lambda *i: (index_map(*i)[0], 0, index_map(*i)[1]))
+    return pl.BlockSpec((1, g.block_pixels, g.channels),
+                        lambda *i: (index_map(*i)[0], index_map(*i)[1], 0))
+
+
+def to_kernel_layout(values_BQC, geometry):
+    """Tile-major (B, pixels, C) -> the kernels' layout ((B, C, pixels) when channel-major)."""
+    return values_BQC.transpose(0, 2, 1) if geometry.channels_major else values_BQC
+
+
+def from_kernel_layout(values, geometry):
+    """Inverse of ``to_kernel_layout``."""
+    return values.transpose(0, 2, 1) if geometry.channels_major else values
 
 
 def interpret_params(interpret):
