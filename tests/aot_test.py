@@ -96,9 +96,13 @@ def test_small_train_step_compiles_with_the_kernels(target, implementation, call
     config.train.update(batch_size=2, perceptual_weights="random")
     config.model.warp_implementation = implementation
     sharding = jax.sharding.NamedSharding(aot.mesh(target), jax.sharding.PartitionSpec())
+    # Deviceless XLA:GPU (jax 0.10.2) cannot tile the `small` config's tiny float32 GEMMs as
+    # Triton fusions ("Couldn't find output tile sizes", f32[6,3] in affine_grid, with xla or
+    # Pallas warps alike): compile those with cuBLAS instead.
+    options = {"xla_gpu_enable_triton_gemm": False} if target == "h100" else None
     with aot.lowering_for(target):
         lowered = step.lower_train_step(config, 2, sharding=sharding)
-        compiled = lowered.compile()
+        compiled = lowered.compile(compiler_options=options)
     text = lowered.as_text()
     assert text.count(call) >= 10  # dense motion, generator levels, deformed, equivariance
     assert "callback" not in text  # no interpreter (its DMAs are host callbacks) left

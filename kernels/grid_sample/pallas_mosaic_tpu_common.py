@@ -187,20 +187,21 @@ def make_plan(ix_BQ, iy_BQ, geometry):
         d_dx.append(jnp.where(ok, w_dx, 0.0))
         d_dy.append(jnp.where(ok, w_dy, 0.0))
         inside.append(ok)
-    row_BQ4, col_BQ4, inside_BQ4 = jnp.stack(rows, -1), jnp.stack(cols, -1), jnp.stack(inside, -1)
+    # (B, 4, Q) throughout: a (B, Q, 4) intermediate would be padded to 128 lanes in HBM.
+    row_B4Q, col_B4Q, inside_B4Q = (jnp.stack(v, 1) for v in (rows, cols, inside))
 
-    per_tile = (batch, g.num_blocks, g.block_pixels * NUM_TAPS)
+    per_tile = (batch, NUM_TAPS, g.num_blocks, g.block_pixels)
     reads, owned = [], []
-    for taps_BQ4, size, limit, step in ((row_BQ4, g.window_rows, g.height, 1),
-                                        (col_BQ4, g.window_cols, g.width, WINDOW_COL_STEP)):
-        lowest = jnp.where(inside_BQ4, taps_BQ4, limit).reshape(per_tile).min(-1)
-        highest = jnp.where(inside_BQ4, taps_BQ4, -1).reshape(per_tile).max(-1)
+    for taps_B4Q, size, limit, step in ((row_B4Q, g.window_rows, g.height, 1),
+                                        (col_B4Q, g.window_cols, g.width, WINDOW_COL_STEP)):
+        lowest = jnp.where(inside_B4Q, taps_B4Q, limit).reshape(per_tile).min((1, 3))
+        highest = jnp.where(inside_B4Q, taps_B4Q, -1).reshape(per_tile).max((1, 3))
         any_tap = highest >= 0  # a tile with no tap inside the image reads no window
         lowest = jnp.where(any_tap, lowest, 0)
         first = lowest // step * step  # read windows start on DMA-aligned columns
         reads += [first, jnp.where(any_tap, (highest - first) // size + 1, 0)]
         owned += [lowest // size, jnp.where(any_tap, highest // size - lowest // size + 1, 0)]
-    return Plan(row_B4Q=jnp.stack(rows, 1), col_B4Q=jnp.stack(cols, 1),
+    return Plan(row_B4Q=row_B4Q, col_B4Q=col_B4Q,
                 weight_B4Q=jnp.stack(weight, 1), dweight_dx_B4Q=jnp.stack(d_dx, 1),
                 dweight_dy_B4Q=jnp.stack(d_dy, 1), reads_4BJ=jnp.stack(reads).astype(jnp.int32),
                 owned_4BJ=jnp.stack(owned).astype(jnp.int32))
