@@ -142,7 +142,8 @@ def train(args):
 
             def lower_and_compile():
                 lowered = step.lower_train_step(config, args.batch, sharding=sharding)
-                return lowered, lowered.compile()
+                options = {"xla_gpu_enable_triton_gemm": False} if args.cublas_gemm else None
+                return lowered, lowered.compile(compiler_options=options)
             start = time.perf_counter()
             row = dict(target=args.target, config=args.config, batch=args.batch,
                        variant=variant, warps=implementation or "xla")
@@ -177,6 +178,9 @@ def main():
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--variants", default="float32,bfloat16")
     parser.add_argument("--warps", default="xla,kernel", help="train: xla and/or kernel")
+    parser.add_argument("--cublas-gemm", action="store_true",
+                        help="train on h100: GEMMs by cuBLAS, not Triton (deviceless XLA:GPU "
+                             "cannot tile the small config's tiny GEMMs)")
     parser.add_argument("--json", default=None, help="write the rows here")
     args = parser.parse_args()
     reason = aot.missing_extra(args.target)
