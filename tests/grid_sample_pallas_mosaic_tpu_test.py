@@ -10,7 +10,7 @@ import pytest
 from jax.sharding import AbstractDevice, AbstractMesh, AxisType
 
 from conftest import TINY
-from safetriage_jax.kernels.grid_sample import config, grid_sample, pallas_mosaic_tpu, specs
+from safetriage_jax.kernels.grid_sample import api, config, grid_sample, pallas_mosaic_tpu, specs
 from safetriage_jax.kernels.grid_sample.pallas_mosaic_tpu_common import make_geometry, make_plan
 from safetriage_jax.kernels.grid_sample.reference import source_coordinates
 from safetriage_jax.kernels.grid_sample.specs import Case
@@ -110,6 +110,22 @@ def test_forward_and_gradient_lower_to_mosaic_for_tpu(device_kind, channels, dty
     assert backward.count("tpu_custom_call") == 3  # forward, d_image, d (coordinates)
 
 
+def test_interpret_none_compiles_the_kernel_for_tpu_and_interprets_on_cpu(rng):
+    """interpret=None is decided by the lowering platform, not the host's default backend: the
+    same jitted function lowers to Mosaic calls for a TPU and runs interpreted on this CPU."""
+    sample = functools.partial(pallas_mosaic_tpu.grid_sample, interpret=None)
+    loss = lambda image, grid: jnp.sum(sample(image, grid) ** 2)
+    image = jax.ShapeDtypeStruct((1, 16, 16, 8), jnp.float32)
+    grid = jax.ShapeDtypeStruct((1, 16, 16, 2), jnp.float32)
+    backward = _lowered_text("TPU v5 lite", jax.grad(loss, argnums=(0, 1)), image, grid)
+    assert backward.count("tpu_custom_call") == 3
+    image_v = jnp.asarray(rng.standard_normal(image.shape), jnp.float32)
+    grid_v = jnp.asarray(rng.uniform(-1, 1, grid.shape), jnp.float32)
+    assert "tpu_custom_call" not in jax.jit(sample).lower(image_v, grid_v).as_text()
+    want = api.grid_sample(image_v, grid_v, implementation="xla")
+    assert relative_error(jax.jit(sample)(image_v, grid_v), want) < 1e-5
+
+
 # --- The whole model --------------------------------------------------------------------------
 
 def test_tpsmm_with_tpu_warps_equals_xla_warps(rng, tiny_variables):
@@ -124,11 +140,12 @@ def test_tpsmm_with_tpu_warps_equals_xla_warps(rng, tiny_variables):
     driving = jnp.asarray(rng.uniform(size=(1, size, size, 3)), jnp.float32)
 
     def outputs(implementation):
-        """(Pallas kernels, gathers) in the forward's jaxpr, and its outputs."""
+        """(Pallas kernels, gathers) in the forward's jaxpr, and its outputs. Each kernel is
+        one kernel_or_interpreter equation (holding the kernel and its interpreter)."""
         model = TPSMM(TINY, Policy(warp_implementation=implementation))
         traced = jax.jit(model.apply).trace(tiny_variables, source, driving)
         jaxpr = str(traced.jaxpr)
-        counts = jaxpr.count("pallas_call"), jaxpr.count("= gather")
+        counts = jaxpr.count("kernel_or_interpreter["), jaxpr.count("= gather")
         return counts, traced.lower().compile()(tiny_variables, source, driving)
 
     (xla_counts, want), (tpu_counts, got) = outputs("xla"), outputs("pallas_mosaic_tpu")

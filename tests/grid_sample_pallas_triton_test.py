@@ -13,7 +13,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
 from conftest import TINY
-from safetriage_jax.kernels.grid_sample import api, pallas_triton, pallas_triton_vjp, specs
+from safetriage_jax.kernels.grid_sample import api, interpret_atomic, pallas_triton, specs
 from safetriage_jax.kernels.grid_sample.test_base import GridSampleTestBase, relative_error
 from safetriage_jax.models.policy import Policy
 from safetriage_jax.models.tpsmm import TPSMM
@@ -32,8 +32,9 @@ class TestPallasTriton(GridSampleTestBase):
              or (case.padding_mode, case.align_corners) in _BORDERS_KEPT]
 
 
-def _atomic_add_in_interpret_mode(index, values, mask=None):
-    """out = zeros; out[index[i]] += values[i] (where mask[i]) by one interpreted atomic_add."""
+def _atomic_add_in_interpret_mode(index, values, mask=None, scoped=True, use_jit=True):
+    """out = zeros; out[index[i]] += values[i] (where mask[i]) by one interpreted atomic_add,
+    under ``interpret_atomic.scatter_add_scope`` or (``scoped=False``) JAX's own rule."""
     def kernel(index_ref, values_ref, zeros_ref, out_ref):
         del zeros_ref
         plgpu.atomic_add(out_ref, index_ref[...], values_ref[...],
@@ -42,12 +43,17 @@ def _atomic_add_in_interpret_mode(index, values, mask=None):
     index = jnp.asarray(index if mask is None else np.where(mask, index, -1), jnp.int32)
     call = pl.pallas_call(kernel, out_shape=jax.ShapeDtypeStruct((4,), jnp.float32),
                           input_output_aliases={2: 0}, interpret=True)
-    return np.asarray(jax.jit(call)(index, jnp.asarray(values), jnp.zeros((4,), jnp.float32)))
+    call = interpret_atomic.scatter_add_scope(call) if scoped else call
+    call = jax.jit(call) if use_jit else call
+    return np.asarray(call(index, jnp.asarray(values), jnp.zeros((4,), jnp.float32)))
 
 
-def test_interpret_mode_atomic_add_needs_the_fix(monkeypatch):
-    """Upstream's discharge rule drops duplicate-index adds and refuses masks (the JAX bug the
-    kernel module works around); with the fix, interpret mode adds every lane."""
+def test_interpret_mode_atomic_add_is_fixed_only_inside_its_scope():
+    """JAX's discharge rule drops duplicate-index adds and refuses masks (the bug the d_image
+    kernel works around); inside ``scatter_add_scope`` every lane adds, jitted, eager and
+    vmapped, and the process-wide rule is JAX's own before, between and after."""
+    from jax._src.state import discharge
+    upstream = discharge._discharge_rules[interpret_atomic.ATOMIC_RMW]
     index = np.array([0, 2, 0, 0, 3, 2, 1, 0])
     values = np.arange(1, 9, dtype=np.float32)
     mask = np.array([1, 1, 1, 0, 1, 1, 0, 1], bool)
@@ -56,17 +62,30 @@ def test_interpret_mode_atomic_add_needs_the_fix(monkeypatch):
     want_masked = np.zeros(4, np.float32)
     np.add.at(want_masked, index[mask], values[mask])
 
-    pallas_triton_vjp.fix_interpret_atomic_add()
     np.testing.assert_allclose(_atomic_add_in_interpret_mode(index, values), want)
     np.testing.assert_allclose(_atomic_add_in_interpret_mode(index, values, mask), want_masked)
+    np.testing.assert_allclose(_atomic_add_in_interpret_mode(index, values, use_jit=False), want)
+    assert discharge._discharge_rules[interpret_atomic.ATOMIC_RMW] is upstream
 
-    from jax._src.pallas.triton import primitives
-    from jax._src.state import discharge
-    monkeypatch.setitem(discharge._discharge_rules, primitives.atomic_rmw_p,
-                        pallas_triton_vjp.UPSTREAM_ATOMIC_DISCHARGE)
-    assert not np.allclose(_atomic_add_in_interpret_mode(index, values), want)
+    assert not np.allclose(_atomic_add_in_interpret_mode(index, values, scoped=False), want)
     with pytest.raises(NotImplementedError):
-        _atomic_add_in_interpret_mode(index, values, mask)
+        _atomic_add_in_interpret_mode(index, values, mask, scoped=False)
+
+
+def test_interpret_mode_d_image_adds_every_tap_under_vmap(rng):
+    """The scoped rule holds inside vmap too (its batching rule re-wraps the batched call)."""
+    case = specs.Case(1, 1, 5, 6, 3, 4, 4)
+    images = jnp.asarray(rng.standard_normal((2,) + case.image_shape), jnp.float32)
+    grids = jnp.asarray(rng.uniform(-1, 1, (2,) + case.grid_shape), jnp.float32)
+
+    def image_gradient(implementation, image, grid):
+        loss = lambda i: jnp.sum(api.grid_sample(i, grid, implementation=implementation,
+                                                 interpret=True) ** 2)
+        return jax.grad(loss)(image)
+
+    got = jax.vmap(functools.partial(image_gradient, "pallas_triton"))(images, grids)
+    want = jax.vmap(functools.partial(image_gradient, "xla"))(images, grids)
+    assert relative_error(got, want) < 1e-5
 
 
 def test_int32_offset_overflow_is_refused_and_falls_through_to_xla():
@@ -118,6 +137,24 @@ def test_forward_and_gradient_lower_to_triton_calls_for_cuda(channels, dtype):
     assert set(_triton_calls(lowered)) == {"grid_sample_forward", "grid_sample_d_grid",
                                            "grid_sample_d_image"}
     assert "has_side_effect" not in lowered
+
+
+def test_interpret_none_compiles_the_kernel_for_cuda_and_interprets_on_cpu(rng):
+    """interpret=None is decided by the lowering platform, not the host's default backend: the
+    same jitted function lowers to Triton calls for CUDA and runs interpreted on this CPU."""
+    image = jax.ShapeDtypeStruct((1, 9, 13, 3), jnp.float32)
+    grid = jax.ShapeDtypeStruct((1, 7, 11, 2), jnp.float32)
+    sample = functools.partial(pallas_triton.grid_sample, interpret=None)
+    loss = lambda i, g: jnp.sum(sample(i, g) ** 2)
+    lowered = _lower_for_cuda(jax.grad(loss, argnums=(0, 1)), image, grid)
+    assert set(_triton_calls(lowered)) == {"grid_sample_forward", "grid_sample_d_grid",
+                                           "grid_sample_d_image"}
+    image_v = jnp.asarray(rng.standard_normal(image.shape), jnp.float32)
+    grid_v = jnp.asarray(rng.uniform(-1, 1, grid.shape), jnp.float32)
+    on_cpu = jax.jit(sample).lower(image_v, grid_v).as_text()
+    assert "xla.gpu.triton" not in on_cpu
+    want = api.grid_sample(image_v, grid_v, implementation="xla")
+    assert relative_error(jax.jit(sample)(image_v, grid_v), want) < 1e-6
 
 
 def test_d_image_call_is_dead_code_when_the_image_needs_no_gradient():

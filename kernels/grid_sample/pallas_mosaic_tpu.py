@@ -23,60 +23,67 @@ from jax.experimental.pallas import tpu as pltpu
 from safetriage_jax.kernels.grid_sample import config as tile_config
 from safetriage_jax.kernels.grid_sample import pallas_mosaic_tpu_vjp as vjp
 from safetriage_jax.kernels.grid_sample.pallas_mosaic_tpu_common import (
-    NUM_TAPS, flat_read_image, from_blocks, interpolation_matrix, interpret_params,
-    load_window, make_geometry, make_plan, num_windows_of, to_blocks, window_origin)
+    NUM_TAPS, flat_read_image, from_blocks, from_kernel_layout, interpolation_matrix_t,
+    interpret_params, load_window, make_geometry, make_plan, num_windows_of, pixel_values_spec,
+    sample_window, to_blocks, to_kernel_layout, window_origin)
+from safetriage_jax.kernels.grid_sample.platforms import kernel_or_interpreter
 from safetriage_jax.kernels.grid_sample.reference import source_coordinates
 
 PLATFORM = "tpu"
 DTYPES = (jnp.float32, jnp.bfloat16)
 VMEM_BUDGET_BYTES = 16 * 2**20  # v5e's default scoped VMEM; the kernels' working sets stay under
 MAX_INDEX = 2**31 - 1           # flat pixel indices are int32
-LANES = 128                     # a (P, 4) or (P, 3) block occupies whole 128-lane vregs
+LANES = 128                     # a (P, C < 128) block occupies whole 128-lane vregs
+SUBLANES = 8                    # a (4, P) or (2, P) block occupies whole 8-sublane vregs
 
 
 def _forward_kernel(reads_ref, row_ref, col_ref, weight_ref, image_hbm, out_ref,
                     window_vmem, semaphore, *, geometry):
     b, j = pl.program_id(0), pl.program_id(1)
 
-    def add_window(i, acc_PC):
+    def add_window(i, acc):  # (C, P) or (P, C)
         top, left = window_origin(reads_ref, b, j, i, geometry)
         load_window(image_hbm, b, top, left, window_vmem, semaphore, geometry)
-        matrix = interpolation_matrix(row_ref[0], col_ref[0], weight_ref[0], top, left, geometry)
-        return acc_PC + jnp.dot(matrix, window_vmem[...].astype(jnp.float32),
-                                preferred_element_type=jnp.float32)
+        matrix_t = interpolation_matrix_t(row_ref[0], col_ref[0], weight_ref[0], top, left,
+                                          geometry)
+        return acc + sample_window(matrix_t, window_vmem[...], geometry)
 
-    acc_PC = jnp.zeros(out_ref.shape[1:], jnp.float32)
-    acc_PC = jax.lax.fori_loop(0, num_windows_of(reads_ref, b, j), add_window, acc_PC)
-    out_ref[0] = acc_PC.astype(out_ref.dtype)
+    acc = jnp.zeros(out_ref.shape[1:], jnp.float32)
+    acc = jax.lax.fori_loop(0, num_windows_of(reads_ref, b, j), add_window, acc)
+    out_ref[0] = acc.astype(out_ref.dtype)
 
 
 def forward(image_BPC, plan, geometry, interpret):
-    """(B, padded pixels, C) samples at the plan's taps, tile-major (``from_blocks`` undoes it)."""
+    """Samples at the plan's taps, tile-major, in the kernels' layout (``from_kernel_layout``
+    and ``from_blocks`` undo it)."""
     g = geometry
     batch = image_BPC.shape[0]
-    tap_spec = pl.BlockSpec((1, g.block_pixels, NUM_TAPS), lambda b, j, *_: (b, j, 0))
-    return pl.pallas_call(
+    tap_spec = pl.BlockSpec((1, NUM_TAPS, g.block_pixels), lambda b, j, *_: (b, 0, j))
+    make_call = lambda interpret_flag: pl.pallas_call(
         functools.partial(_forward_kernel, geometry=g),
         grid_spec=pltpu.PrefetchScalarGridSpec(
             num_scalar_prefetch=1,
             grid=(batch, g.num_blocks),
             in_specs=[tap_spec, tap_spec, tap_spec, pl.BlockSpec(memory_space=pl.ANY)],
-            out_specs=pl.BlockSpec((1, g.block_pixels, g.channels), lambda b, j, *_: (b, j, 0)),
+            out_specs=pixel_values_spec(g, lambda b, j, *_: (b, j)),
             scratch_shapes=[pltpu.VMEM((g.window_pixels, g.channels), image_BPC.dtype),
                             pltpu.SemaphoreType.DMA(())],
         ),
-        out_shape=jax.ShapeDtypeStruct((batch, g.padded_pixels, g.channels), image_BPC.dtype),
+        out_shape=jax.ShapeDtypeStruct(
+            (batch,) + ((g.channels, g.padded_pixels) if g.channels_major
+                        else (g.padded_pixels, g.channels)), image_BPC.dtype),
         compiler_params=pltpu.CompilerParams(dimension_semantics=("parallel", "parallel")),
-        interpret=interpret_params(interpret),
-    )(plan.reads_4BJ, plan.row_BQ4, plan.col_BQ4, plan.weight_BQ4, image_BPC)
+        interpret=interpret_params(interpret_flag))
+    return kernel_or_interpreter(make_call, (PLATFORM,), interpret, plan.reads_4BJ,
+                                 plan.row_B4Q, plan.col_B4Q, plan.weight_B4Q, image_BPC)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
 def sample_pixels(image_BHWC, ix_BQ, iy_BQ, geometry, interpret):
     """(B, Q, C) bilinear samples at pixel coordinates (already through the padding rules)."""
     plan = make_plan(ix_BQ, iy_BQ, geometry)
-    out_BQC = forward(flat_read_image(image_BHWC, geometry), plan, geometry, interpret)
-    return from_blocks(out_BQC, geometry).reshape(ix_BQ.shape + (geometry.channels,))
+    out = forward(flat_read_image(image_BHWC, geometry), plan, geometry, interpret)
+    return from_blocks(from_kernel_layout(out, geometry), geometry).reshape(ix_BQ.shape + (geometry.channels,))
 
 
 def _sample_pixels_fwd(image_BHWC, ix_BQ, iy_BQ, geometry, interpret):
@@ -88,9 +95,10 @@ def _sample_pixels_bwd(geometry, interpret, residuals, cotangent_BQC):
     g = geometry
     batch, height, width, channels = image_BHWC.shape
     plan = make_plan(ix_BQ, iy_BQ, g)
-    cotangent_BQC = to_blocks(cotangent_BQC.reshape(batch, g.out_rows, g.out_cols, channels), g)
-    d_image_BHWC = vjp.d_image(cotangent_BQC, plan, g, interpret)[:, :height, :width]
-    d_x_BQ, d_y_BQ = vjp.d_coordinates(flat_read_image(image_BHWC, g), cotangent_BQC, plan, g,
+    cotangent = to_kernel_layout(
+        to_blocks(cotangent_BQC.reshape(batch, g.out_rows, g.out_cols, channels), g), g)
+    d_image_BHWC = vjp.d_image(cotangent, plan, g, interpret)[:, :height, :width]
+    d_x_BQ, d_y_BQ = vjp.d_coordinates(flat_read_image(image_BHWC, g), cotangent, plan, g,
                                        interpret)
     return (d_image_BHWC.astype(image_BHWC.dtype),
             from_blocks(d_x_BQ, g).reshape(ix_BQ.shape),
@@ -113,7 +121,7 @@ def check_supported(image_BHWC, geometry):
     # The largest step's VMEM (d_coordinates: two matrices, taps, window, accumulators; the
     # d_image step's output window block is counted with the window), float32 upper bounds.
     matrices = 2 * g.block_pixels * g.window_pixels * 4
-    taps = 2 * 3 * g.block_pixels * LANES * 4
+    taps = 2 * 5 * SUBLANES * g.block_pixels * 4  # (4, P) blocks fill 8 sublanes
     windows = 3 * g.window_pixels * max(g.channels, LANES) * 4
     pixel_blocks = 4 * g.block_pixels * max(g.channels, LANES) * 4
     if matrices + taps + windows + pixel_blocks > VMEM_BUDGET_BYTES:
@@ -127,11 +135,10 @@ def grid_sample(image_BHWC, grid_NHW2, *, padding_mode="zeros", align_corners=Tr
                 interpret=None, config=None):
     """The op (see ``reference``) on TPU; ``config`` is a ``MosaicTpuConfig`` (tile sizes).
 
-    ``interpret=None`` interprets whenever the default backend is not a TPU.
+    ``interpret=None`` compiles the kernels where the program is lowered for a TPU and
+    interprets them elsewhere (``platforms``), whatever the host's default backend.
     """
     config = tile_config.MOSAIC_TPU if config is None else config
-    if interpret is None:
-        interpret = jax.default_backend() != PLATFORM
     batch, height, width, channels = image_BHWC.shape
     num_grids, out_h, out_w, _ = grid_NHW2.shape
     num_pixels = num_grids // batch * out_h * out_w
@@ -141,5 +148,6 @@ def grid_sample(image_BHWC, grid_NHW2, *, padding_mode="zeros", align_corners=Tr
     grid_BQ2 = grid_NHW2.astype(jnp.float32).reshape(batch, num_pixels, 2)
     ix_BQ = source_coordinates(grid_BQ2[..., 0], width, padding_mode, align_corners)
     iy_BQ = source_coordinates(grid_BQ2[..., 1], height, padding_mode, align_corners)
-    out_BQC = sample_pixels(image_BHWC, ix_BQ, iy_BQ, geometry, bool(interpret))
+    out_BQC = sample_pixels(image_BHWC, ix_BQ, iy_BQ, geometry,
+                            None if interpret is None else bool(interpret))
     return out_BQC.reshape(num_grids, out_h, out_w, channels)

@@ -9,10 +9,17 @@ one-hot interpolation matrix M (P x window pixels, at most 4 non-zeros per row: 
 weights).
 
 The pre-pass (plain XLA) finds the rows and columns each tile's taps span. The forward (and
-d_grid) windows start at that span's top-left corner and step by whole windows until they
-cover it: one window when a tile's footprint fits one (smooth flows), all of the image for a
+d_grid) windows start at that span's top row and at the tile-aligned column at or left of its
+first column (Mosaic DMAs start on whole tiles), and step by whole windows until they cover it: one window when a tile's footprint fits one (smooth flows), all of the image for a
 random flow, so any flow is handled. d_image owns an aligned grid of windows instead (each
 d_image block is one window), and the pre-pass also gives the range of those a tile touches.
+
+Layouts are lane-dense: the pre-pass's per-pixel arrays are (B, 4, pixels) and the coordinate
+gradients (B, 2, pixels), pixels on the 128-wide lane axis (a (B, pixels, 4) array would be
+padded to 128 lanes in HBM, 32x). Kernels therefore build the transposed matrix
+M^T (window pixels x P) from (4, P) taps. For the same reason, images of fewer than 128
+channels have their per-pixel values (samples, cotangents, d_image windows) channel-major,
+(B, C, pixels), and wider ones pixel-major, (B, pixels, C) (``Geometry.channels_major``).
 """
 
 import dataclasses
@@ -61,6 +68,11 @@ class Geometry:
         return self.num_blocks * self.block_pixels
 
     @property
+    def channels_major(self):
+        """Per-pixel values as (C, pixels): C on the lanes would pad to 128 lanes in HBM."""
+        return self.channels < LANES
+
+    @property
     def window_grid(self):
         return -(-self.height // self.window_rows), -(-self.width // self.window_cols)
 
@@ -82,8 +94,10 @@ class Geometry:
 
     @property
     def read_width(self):
-        """Width of the image the forward reads: a window may start at any pixel of it."""
-        return self.width + self.window_cols
+        """Width of the image the forward reads, a multiple of WINDOW_COL_STEP: windows start
+        on columns that are multiples of it, so every row-segment DMA starts on a whole
+        (sublane) tile of the flat (pixels, C) image, as Mosaic requires."""
+        return -(-self.width // WINDOW_COL_STEP) * WINDOW_COL_STEP + self.window_cols
 
     @property
     def read_source_pixels(self):
@@ -129,12 +143,13 @@ def from_blocks(blocks_BQ_, geometry):
 
 @dataclasses.dataclass(frozen=True)
 class Plan:
-    """The pre-pass's arrays for one call, pixels in tile-major order (``to_blocks``)."""
-    row_BQ4: jax.Array          # source row of each tap (clamped; weight 0 if outside)
-    col_BQ4: jax.Array          # source column of each tap
-    weight_BQ4: jax.Array       # bilinear tap weights, float32, 0 outside the image
-    dweight_dx_BQ4: jax.Array   # d weight / d x (pixel units), 0 outside
-    dweight_dy_BQ4: jax.Array   # d weight / d y
+    """The pre-pass's arrays for one call, pixels in tile-major order (``to_blocks``) on the
+    last (lane) axis."""
+    row_B4Q: jax.Array          # source row of each tap (clamped; weight 0 if outside)
+    col_B4Q: jax.Array          # source column of each tap
+    weight_B4Q: jax.Array       # bilinear tap weights, float32, 0 outside the image
+    dweight_dx_B4Q: jax.Array   # d weight / d x (pixel units), 0 outside
+    dweight_dy_B4Q: jax.Array   # d weight / d y
     reads_4BJ: jax.Array        # int32 per tile: top row of its windows, how many down, left
                                 # column, how many across (windows start at its taps' corner)
     owned_4BJ: jax.Array        # the same in d_image's aligned window grid: first window row,
@@ -172,30 +187,33 @@ def make_plan(ix_BQ, iy_BQ, geometry):
         d_dx.append(jnp.where(ok, w_dx, 0.0))
         d_dy.append(jnp.where(ok, w_dy, 0.0))
         inside.append(ok)
-    row_BQ4, col_BQ4, inside_BQ4 = jnp.stack(rows, -1), jnp.stack(cols, -1), jnp.stack(inside, -1)
+    # (B, 4, Q) throughout: a (B, Q, 4) intermediate would be padded to 128 lanes in HBM.
+    row_B4Q, col_B4Q, inside_B4Q = (jnp.stack(v, 1) for v in (rows, cols, inside))
 
-    per_tile = (batch, g.num_blocks, g.block_pixels * NUM_TAPS)
+    per_tile = (batch, NUM_TAPS, g.num_blocks, g.block_pixels)
     reads, owned = [], []
-    for taps_BQ4, size, limit in ((row_BQ4, g.window_rows, g.height),
-                                  (col_BQ4, g.window_cols, g.width)):
-        lowest = jnp.where(inside_BQ4, taps_BQ4, limit).reshape(per_tile).min(-1)
-        highest = jnp.where(inside_BQ4, taps_BQ4, -1).reshape(per_tile).max(-1)
+    for taps_B4Q, size, limit, step in ((row_B4Q, g.window_rows, g.height, 1),
+                                        (col_B4Q, g.window_cols, g.width, WINDOW_COL_STEP)):
+        lowest = jnp.where(inside_B4Q, taps_B4Q, limit).reshape(per_tile).min((1, 3))
+        highest = jnp.where(inside_B4Q, taps_B4Q, -1).reshape(per_tile).max((1, 3))
         any_tap = highest >= 0  # a tile with no tap inside the image reads no window
         lowest = jnp.where(any_tap, lowest, 0)
-        reads += [lowest, jnp.where(any_tap, (highest - lowest) // size + 1, 0)]
+        first = lowest // step * step  # read windows start on DMA-aligned columns
+        reads += [first, jnp.where(any_tap, (highest - first) // size + 1, 0)]
         owned += [lowest // size, jnp.where(any_tap, highest // size - lowest // size + 1, 0)]
-    return Plan(row_BQ4=row_BQ4, col_BQ4=col_BQ4, weight_BQ4=jnp.stack(weight, -1),
-                dweight_dx_BQ4=jnp.stack(d_dx, -1), dweight_dy_BQ4=jnp.stack(d_dy, -1),
-                reads_4BJ=jnp.stack(reads).astype(jnp.int32),
+    return Plan(row_B4Q=row_B4Q, col_B4Q=col_B4Q,
+                weight_B4Q=jnp.stack(weight, 1), dweight_dx_B4Q=jnp.stack(d_dx, 1),
+                dweight_dy_B4Q=jnp.stack(d_dy, 1), reads_4BJ=jnp.stack(reads).astype(jnp.int32),
                 owned_4BJ=jnp.stack(owned).astype(jnp.int32))
 
 
 def flat_read_image(image_BHWC, geometry):
-    """(B, (H + window rows) * (W + window cols), C): zeros below and right of the image, so
-    a window starting at any pixel stays inside."""
+    """(B, (H + window rows) * read width, C): zeros below and right of the image, so a
+    window starting at any pixel row and aligned column stays inside."""
     g = geometry
     batch, height, width, channels = image_BHWC.shape
-    padded = jnp.pad(image_BHWC, ((0, 0), (0, g.window_rows), (0, g.window_cols), (0, 0)))
+    padded = jnp.pad(image_BHWC, ((0, 0), (0, g.window_rows), (0, g.read_width - width),
+                                  (0, 0)))
     return padded.reshape(batch, g.read_source_pixels, channels)
 
 
@@ -219,7 +237,8 @@ def load_window(image_hbm, b, top, left, window_vmem, semaphore, geometry):
     g = geometry
 
     def row_copy(r):
-        start = (top + r) * g.read_width + left
+        # read_width and left are multiples of WINDOW_COL_STEP (make_plan): tell Mosaic.
+        start = pl.multiple_of((top + r) * g.read_width + left, WINDOW_COL_STEP)
         return pltpu.make_async_copy(
             image_hbm.at[b, pl.ds(start, g.window_cols)],
             window_vmem.at[pl.ds(pl.multiple_of(r * g.window_cols, WINDOW_COL_STEP),
@@ -247,19 +266,9 @@ def _local_index(row, col, top, left, geometry):
     return jnp.where(inside, r * g.window_cols + c, -1)
 
 
-def interpolation_matrix(row_P4, col_P4, weight_P4, top, left, geometry):
-    """(P, window pixels) float32: row p holds the weights of pixel p's taps in the window."""
-    shape = (row_P4.shape[0], geometry.window_pixels)
-    column = jax.lax.broadcasted_iota(jnp.int32, shape, 1)
-    matrix = jnp.zeros(shape, jnp.float32)
-    for t in range(NUM_TAPS):
-        local = _local_index(row_P4[:, t:t + 1], col_P4[:, t:t + 1], top, left, geometry)
-        matrix += jnp.where(column == local, weight_P4[:, t:t + 1], 0.0)
-    return matrix
-
-
 def interpolation_matrix_t(row_4P, col_4P, weight_4P, top, left, geometry):
-    """(window pixels, P) float32: ``interpolation_matrix`` transposed, from (4, P) taps."""
+    """(window pixels, P) float32, M^T: column p holds the weights of pixel p's taps in the
+    window at (``top``, ``left``), from (4, P) taps."""
     shape = (geometry.window_pixels, row_4P.shape[1])
     row = jax.lax.broadcasted_iota(jnp.int32, shape, 0)
     matrix = jnp.zeros(shape, jnp.float32)
@@ -267,6 +276,42 @@ def interpolation_matrix_t(row_4P, col_4P, weight_4P, top, left, geometry):
         local = _local_index(row_4P[t:t + 1, :], col_4P[t:t + 1, :], top, left, geometry)
         matrix += jnp.where(row == local, weight_4P[t:t + 1, :], 0.0)
     return matrix
+
+
+def contract(a, b, a_dim, b_dim):
+    """float32 MXU product of ``a`` and ``b`` over ``a_dim`` and ``b_dim`` (transposed operands
+    need no transpose)."""
+    return jax.lax.dot_general(a.astype(jnp.float32), b.astype(jnp.float32),
+                               (((a_dim,), (b_dim,)), ((), ())),
+                               preferred_element_type=jnp.float32)
+
+
+def sample_window(matrix_t_WP, window_WC, geometry):
+    """M @ window from M^T: (C, P) if ``geometry.channels_major``, else (P, C)."""
+    if geometry.channels_major:
+        return contract(window_WC, matrix_t_WP, 0, 0)
+    return contract(matrix_t_WP, window_WC, 0, 0)
+
+
+def pixel_values_spec(geometry, index_map):
+    """BlockSpec of one tile of per-pixel values ((1, C, P) or (1, P, C)); ``index_map`` gives
+    (b, tile)."""
+    g = geometry
+    if g.channels_major:
+        return pl.BlockSpec((1, g.channels, g.block_pixels),
+                            lambda *i: (index_map(*i)[0], 0, index_map(*i)[1]))
+    return pl.BlockSpec((1, g.block_pixels, g.channels),
+                        lambda *i: (index_map(*i)[0], index_map(*i)[1], 0))
+
+
+def to_kernel_layout(values_BQC, geometry):
+    """Tile-major (B, pixels, C) -> the kernels' layout ((B, C, pixels) when channel-major)."""
+    return values_BQC.transpose(0, 2, 1) if geometry.channels_major else values_BQC
+
+
+def from_kernel_layout(values, geometry):
+    """Inverse of ``to_kernel_layout``."""
+    return values.transpose(0, 2, 1) if geometry.channels_major else values
 
 
 def interpret_params(interpret):

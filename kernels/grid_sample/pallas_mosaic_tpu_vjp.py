@@ -6,9 +6,11 @@
   is sequential), adding ``M^T @ g`` only where the pre-pass says the tile's taps touch the
   window (tiles that miss it map their input blocks to tile 0, so the pipeline does not fetch
   them). d_image is thereby tiled by windows, so large feature maps fit in VMEM.
-- ``d_coordinates``: the derivative matrices Dx, Dy (M with each tap weight replaced by its
-  derivative along x, y) times the windows give d out / d x and d out / d y per pixel; the
-  lane sum of their products with the cotangent is the gradient in pixel coordinates.
+- ``d_coordinates``: with the derivative matrices Dx, Dy (M with each tap weight replaced by
+  its derivative along x, y), the gradient in pixel coordinates of pixel p is
+  sum_c (Dx @ window)[p, c] g[p, c] = sum_w Dx^T[w, p] (window @ g^T)[w, p]: one
+  (window pixels x P) matmul per window, shared by x and y, and a sublane sum, written
+  lane-dense as (2, P).
 """
 
 import functools
@@ -19,8 +21,11 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
 from safetriage_jax.kernels.grid_sample.pallas_mosaic_tpu_common import (
-    NUM_TAPS, interpolation_matrix, interpolation_matrix_t, interpret_params, load_window,
-    num_windows_of, window_origin)
+    NUM_TAPS, contract, interpolation_matrix_t, interpret_params, load_window, num_windows_of,
+    pixel_values_spec, window_origin)
+from safetriage_jax.kernels.grid_sample.platforms import kernel_or_interpreter
+
+PLATFORM = "tpu"
 
 
 def _touches(owned_ref, b, window, j, geometry):
@@ -43,16 +48,21 @@ def _d_image_kernel(owned_ref, row_ref, col_ref, weight_ref, cotangent_ref, out_
     def _():
         top = window // geometry.window_grid[1] * geometry.window_rows
         left = window % geometry.window_grid[1] * geometry.window_cols
-        matrix_t = interpolation_matrix_t(row_ref[0], col_ref[0], weight_ref[0], top, left,
-                                          geometry)
-        out_ref[0, 0] += jnp.dot(matrix_t, cotangent_ref[0].astype(jnp.float32),
-                                 preferred_element_type=jnp.float32)
+        matrix_t_WP = interpolation_matrix_t(row_ref[0], col_ref[0], weight_ref[0], top, left,
+                                             geometry)
+        if geometry.channels_major:  # (C, W) += g (C, P) @ M
+            out_ref[0, 0] += contract(cotangent_ref[0], matrix_t_WP, 1, 1)
+        else:  # (W, C) += M^T @ g (P, C)
+            out_ref[0, 0] += contract(matrix_t_WP, cotangent_ref[0], 1, 0)
 
 
-def d_image(cotangent_BQC, plan, geometry, interpret):
-    """(B, padded H, padded W, C) float32: the forward's transpose applied to the cotangent."""
+def d_image(cotangent, plan, geometry, interpret):
+    """(B, padded H, padded W, C) float32: the forward's transpose applied to the cotangent
+    (tile-major, in the kernels' layout)."""
     g = geometry
-    batch = cotangent_BQC.shape[0]
+    batch = cotangent.shape[0]
+    window_block = ((g.channels, g.window_pixels) if g.channels_major
+                    else (g.window_pixels, g.channels))
 
     def tile_if_touching(b, window, j, owned_ref):
         # Tiles that miss the window map to tile 0: the pipeline fetches a block only when its
@@ -61,75 +71,75 @@ def d_image(cotangent_BQC, plan, geometry, interpret):
 
     tap_t_spec = pl.BlockSpec((1, NUM_TAPS, g.block_pixels),
                               lambda b, w, j, owned: (b, 0, tile_if_touching(b, w, j, owned)))
-    by_window = pl.pallas_call(
+    make_call = lambda interpret_flag: pl.pallas_call(
         functools.partial(_d_image_kernel, geometry=g),
         grid_spec=pltpu.PrefetchScalarGridSpec(
             num_scalar_prefetch=1,
             grid=(batch, g.num_windows, g.num_blocks),
             in_specs=[tap_t_spec, tap_t_spec, tap_t_spec,
-                      pl.BlockSpec((1, g.block_pixels, g.channels),
-                                   lambda b, w, j, owned: (b, tile_if_touching(b, w, j, owned),
-                                                           0))],
-            out_specs=pl.BlockSpec((1, 1, g.window_pixels, g.channels),
-                                   lambda b, w, j, *_: (b, w, 0, 0)),
+                      pixel_values_spec(g, lambda b, w, j, owned: (
+                          b, tile_if_touching(b, w, j, owned)))],
+            out_specs=pl.BlockSpec((1, 1) + window_block, lambda b, w, j, *_: (b, w, 0, 0)),
         ),
-        out_shape=jax.ShapeDtypeStruct((batch, g.num_windows, g.window_pixels, g.channels),
-                                       jnp.float32),
+        out_shape=jax.ShapeDtypeStruct((batch, g.num_windows) + window_block, jnp.float32),
         compiler_params=pltpu.CompilerParams(
             dimension_semantics=("parallel", "parallel", "arbitrary")),
-        interpret=interpret_params(interpret),
-    )(plan.owned_4BJ, plan.row_BQ4.transpose(0, 2, 1), plan.col_BQ4.transpose(0, 2, 1),
-      plan.weight_BQ4.transpose(0, 2, 1), cotangent_BQC)
+        interpret=interpret_params(interpret_flag))
+    by_window = kernel_or_interpreter(
+        make_call, (PLATFORM,), interpret, plan.owned_4BJ, plan.row_B4Q, plan.col_B4Q,
+        plan.weight_B4Q, cotangent)
     rows, cols = g.window_grid
+    if g.channels_major:
+        by_window = by_window.reshape(batch, rows, cols, g.channels, g.window_pixels)
+        by_window = by_window.transpose(0, 1, 2, 4, 3)
     by_window = by_window.reshape(batch, rows, cols, g.window_rows, g.window_cols, g.channels)
     return jnp.swapaxes(by_window, 2, 3).reshape(batch, rows * g.window_rows,
                                                  cols * g.window_cols, g.channels)
 
 
 def _d_coordinates_kernel(reads_ref, row_ref, col_ref, d_dx_ref, d_dy_ref, cotangent_ref,
-                          image_hbm, d_x_ref, d_y_ref, window_vmem, semaphore, *, geometry):
+                          image_hbm, d_xy_ref, window_vmem, semaphore, *, geometry):
     b, j = pl.program_id(0), pl.program_id(1)
 
-    def add_window(i, accs):
-        acc_x_PC, acc_y_PC = accs
+    def add_window(i, acc_2P):
         top, left = window_origin(reads_ref, b, j, i, geometry)
         load_window(image_hbm, b, top, left, window_vmem, semaphore, geometry)
-        source_WC = window_vmem[...].astype(jnp.float32)
-        d_x, d_y = (interpolation_matrix(row_ref[0], col_ref[0], d_ref[0], top, left, geometry)
-                    for d_ref in (d_dx_ref, d_dy_ref))
-        return (acc_x_PC + jnp.dot(d_x, source_WC, preferred_element_type=jnp.float32),
-                acc_y_PC + jnp.dot(d_y, source_WC, preferred_element_type=jnp.float32))
+        # (window pixels, P): each window pixel's values against each pixel's cotangent.
+        products_WP = contract(window_vmem[...], cotangent_ref[0], 1,
+                               0 if geometry.channels_major else 1)
+        d_x_1P, d_y_1P = (
+            jnp.sum(interpolation_matrix_t(row_ref[0], col_ref[0], d_ref[0], top, left,
+                                           geometry) * products_WP, axis=0, keepdims=True)
+            for d_ref in (d_dx_ref, d_dy_ref))
+        return acc_2P + jnp.concatenate([d_x_1P, d_y_1P], axis=0)
 
-    zeros_PC = jnp.zeros(cotangent_ref.shape[1:], jnp.float32)
-    acc_x_PC, acc_y_PC = jax.lax.fori_loop(0, num_windows_of(reads_ref, b, j), add_window,
-                                           (zeros_PC, zeros_PC))
-    cotangent_PC = cotangent_ref[0].astype(jnp.float32)
-    d_x_ref[0] = jnp.sum(acc_x_PC * cotangent_PC, axis=1, keepdims=True)
-    d_y_ref[0] = jnp.sum(acc_y_PC * cotangent_PC, axis=1, keepdims=True)
+    acc_2P = jax.lax.fori_loop(0, num_windows_of(reads_ref, b, j), add_window,
+                               jnp.zeros(d_xy_ref.shape[1:], jnp.float32))
+    d_xy_ref[0] = acc_2P
 
 
-def d_coordinates(image_BPC, cotangent_BQC, plan, geometry, interpret):
-    """(d x, d y), each (B, padded pixels) float32 and tile-major: the gradient in pixels."""
+def d_coordinates(image_BPC, cotangent, plan, geometry, interpret):
+    """(d x, d y), each (B, padded pixels) float32 and tile-major: the gradient in pixels
+    (``cotangent`` tile-major in the kernels' layout)."""
     g = geometry
     batch = image_BPC.shape[0]
-    tap_spec = pl.BlockSpec((1, g.block_pixels, NUM_TAPS), lambda b, j, *_: (b, j, 0))
-    column_spec = pl.BlockSpec((1, g.block_pixels, 1), lambda b, j, *_: (b, j, 0))
-    column = jax.ShapeDtypeStruct((batch, g.padded_pixels, 1), jnp.float32)
-    d_x, d_y = pl.pallas_call(
+    tap_spec = pl.BlockSpec((1, NUM_TAPS, g.block_pixels), lambda b, j, *_: (b, 0, j))
+    make_call = lambda interpret_flag: pl.pallas_call(
         functools.partial(_d_coordinates_kernel, geometry=g),
         grid_spec=pltpu.PrefetchScalarGridSpec(
             num_scalar_prefetch=1,
             grid=(batch, g.num_blocks),
             in_specs=[tap_spec] * 4 + [
-                pl.BlockSpec((1, g.block_pixels, g.channels), lambda b, j, *_: (b, j, 0)),
+                pixel_values_spec(g, lambda b, j, *_: (b, j)),
                 pl.BlockSpec(memory_space=pl.ANY)],
-            out_specs=[column_spec, column_spec],
+            out_specs=pl.BlockSpec((1, 2, g.block_pixels), lambda b, j, *_: (b, 0, j)),
             scratch_shapes=[pltpu.VMEM((g.window_pixels, g.channels), image_BPC.dtype),
                             pltpu.SemaphoreType.DMA(())],
         ),
-        out_shape=[column, column],
+        out_shape=jax.ShapeDtypeStruct((batch, 2, g.padded_pixels), jnp.float32),
         compiler_params=pltpu.CompilerParams(dimension_semantics=("parallel", "parallel")),
-        interpret=interpret_params(interpret),
-    )(plan.reads_4BJ, plan.row_BQ4, plan.col_BQ4, plan.dweight_dx_BQ4, plan.dweight_dy_BQ4,
-      cotangent_BQC, image_BPC)
-    return d_x[..., 0], d_y[..., 0]
+        interpret=interpret_params(interpret_flag))
+    d_xy_B2Q = kernel_or_interpreter(
+        make_call, (PLATFORM,), interpret, plan.reads_4BJ, plan.row_B4Q, plan.col_B4Q,
+        plan.dweight_dx_B4Q, plan.dweight_dy_B4Q, cotangent, image_BPC)
+    return d_xy_B2Q[:, 0], d_xy_B2Q[:, 1]

@@ -18,7 +18,8 @@ from safetriage_jax.kernels.grid_sample import pallas_triton_vjp
 from safetriage_jax.kernels.grid_sample.config import TRITON
 from safetriage_jax.kernels.grid_sample.pallas_triton_common import (
     PLATFORM, Dims, channel_offsets, check_int32_offsets, compiler_params, lanes, load_grid,
-    resolve_interpret, source_coordinates, store, taps)
+    PLATFORMS, source_coordinates, store, taps)
+from safetriage_jax.kernels.grid_sample.platforms import kernel_or_interpreter
 
 __all__ = ["PLATFORM", "grid_sample"]
 
@@ -39,13 +40,15 @@ def _forward_kernel(image_ref, grid_ref, out_ref, *, dims, block_p, block_c):
 
 def forward(flat_image, flat_grid, dims, interpret):
     """(N * Ho * Wo * C,) samples of the flat image at the flat float32 grid, in its dtype."""
-    block_p, block_c = TRITON.blocks(dims.channels)
-    return pl.pallas_call(
+    config = TRITON["forward"]
+    block_p, block_c = config.blocks(dims.channels)
+    make_call = lambda interpret_flag: pl.pallas_call(
         functools.partial(_forward_kernel, dims=dims, block_p=block_p, block_c=block_c),
         out_shape=jax.ShapeDtypeStruct((dims.num_pixels * dims.channels,), flat_image.dtype),
         grid=(pl.cdiv(dims.num_pixels, block_p), pl.cdiv(dims.channels, block_c)),
-        compiler_params=compiler_params(), interpret=interpret,
-        name="grid_sample_forward")(flat_image, flat_grid)
+        compiler_params=compiler_params(config), interpret=interpret_flag,
+        name="grid_sample_forward")
+    return kernel_or_interpreter(make_call, PLATFORMS, interpret, flat_image, flat_grid)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
@@ -71,13 +74,12 @@ def grid_sample(image_BHWC, grid_NHW2, *, padding_mode="zeros", align_corners=Tr
                 interpret=None):
     """Backend of ``api.grid_sample`` (same arguments and semantics as ``reference``).
 
-    Raises NotImplementedError past int32 offsets. ``interpret=None`` interprets (Pallas
-    interpret mode, slow but exact) unless the default backend is a GPU.
+    Raises NotImplementedError past int32 offsets. ``interpret=None`` compiles the kernels
+    where the program is lowered for a GPU (CUDA, ROCm) and interprets them elsewhere (Pallas
+    interpret mode, slow but exact), whatever the host's default backend.
     """
     check_int32_offsets(image_BHWC, grid_NHW2)
-    interpret = resolve_interpret(interpret)
-    if interpret:
-        pallas_triton_vjp.fix_interpret_atomic_add()
+    interpret = None if interpret is None else bool(interpret)
     dims = Dims.of(image_BHWC, grid_NHW2, padding_mode, align_corners)
     flat_grid = grid_NHW2.astype(jnp.float32).reshape(-1)
     out = _sample(image_BHWC.reshape(-1), flat_grid, dims, interpret)

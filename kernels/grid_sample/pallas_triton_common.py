@@ -17,9 +17,9 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
 from safetriage_jax.kernels.grid_sample import reference
-from safetriage_jax.kernels.grid_sample.config import TRITON
 
-PLATFORM = "gpu"
+PLATFORM = "gpu"            # jax.default_backend()'s name for the kernels' platform
+PLATFORMS = ("cuda", "rocm")  # the lowering platforms that compile them (Triton)
 INT32_LIMIT = 2**31 - 1
 
 
@@ -43,11 +43,6 @@ class Dims:
                    align_corners)
 
 
-def resolve_interpret(interpret):
-    """None means: interpret unless the default backend is this kernel's platform (a GPU)."""
-    return jax.default_backend() != PLATFORM if interpret is None else bool(interpret)
-
-
 def check_int32_offsets(image_BHWC, grid_NHW2):
     """Raises NotImplementedError when a flat offset would overflow int32 (the op falls through)."""
     channels = image_BHWC.shape[-1]
@@ -60,7 +55,7 @@ def check_int32_offsets(image_BHWC, grid_NHW2):
             f"(limit 2^31 - 1); split the batch or use another implementation.")
 
 
-def compiler_params(config=TRITON):
+def compiler_params(config):
     """Triton launch parameters, always explicit: without them a GPU pallas_call in jax 0.10
     goes to Mosaic GPU, which cannot gather from a ref or scatter-add."""
     return plgpu.CompilerParams(num_warps=config.num_warps, num_stages=config.num_stages)

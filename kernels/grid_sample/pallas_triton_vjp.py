@@ -7,25 +7,26 @@
 - ``d_image``: blocks of output pixels x channels scatter ``cotangent * weight`` to their four
   taps with float32 ``atomic_add`` into a zeroed buffer passed through
   ``input_output_aliases`` (Triton atomics have no bfloat16), cast to the image dtype after.
+  Interpreted, it runs under ``interpret_atomic.scatter_add_scope`` (a JAX bug in how
+  interpret mode adds atomically).
 
 Both are separate ``pallas_call``s without side effects, so when the image needs no gradient
 (a constant, or under ``stop_gradient``) the unused d_image call is dead code XLA removes.
 """
 
 import functools
-import inspect
 
 import jax
 import jax.numpy as jnp
-from jax._src.pallas.triton import primitives as triton_primitives
-from jax._src.state import discharge as state_discharge
-from jax._src.state import indexing as state_indexing
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
+from safetriage_jax.kernels.grid_sample import interpret_atomic
 from safetriage_jax.kernels.grid_sample.config import TRITON
 from safetriage_jax.kernels.grid_sample.pallas_triton_common import (
-    channel_offsets, compiler_params, lanes, load_grid, source_coordinates, store, taps)
+    PLATFORMS, channel_offsets, compiler_params, lanes, load_grid, source_coordinates, store,
+    taps)
+from safetriage_jax.kernels.grid_sample.platforms import kernel_or_interpreter
 
 
 def _d_grid_kernel(image_ref, grid_ref, cotangent_ref, d_grid_ref, *, dims, block_p, block_c):
@@ -66,13 +67,16 @@ def _d_grid_kernel(image_ref, grid_ref, cotangent_ref, d_grid_ref, *, dims, bloc
 
 def d_grid(flat_image, flat_grid, cotangent, dims, interpret):
     """Gradient of the loss with respect to the flat float32 grid, (2 * N * Ho * Wo,)."""
-    block_p, block_c = TRITON.blocks(dims.channels)
-    return pl.pallas_call(
+    config = TRITON["d_grid"]
+    block_p, block_c = config.blocks(dims.channels)
+    make_call = lambda interpret_flag: pl.pallas_call(
         functools.partial(_d_grid_kernel, dims=dims, block_p=block_p, block_c=block_c),
         out_shape=jax.ShapeDtypeStruct(flat_grid.shape, jnp.float32),
         grid=(pl.cdiv(dims.num_pixels, block_p),),
-        compiler_params=compiler_params(), interpret=interpret,
-        name="grid_sample_d_grid")(flat_image, flat_grid, cotangent)
+        compiler_params=compiler_params(config), interpret=interpret_flag,
+        name="grid_sample_d_grid")
+    return kernel_or_interpreter(make_call, PLATFORMS, interpret, flat_image, flat_grid,
+                                 cotangent)
 
 
 def _d_image_kernel(grid_ref, cotangent_ref, zeros_ref, d_image_ref, *, dims, block_p,
@@ -92,48 +96,22 @@ def _d_image_kernel(grid_ref, cotangent_ref, zeros_ref, d_image_ref, *, dims, bl
 
 def d_image(flat_grid, cotangent, dims, image_dtype, interpret):
     """Gradient of the loss with respect to the flat image, in the image's dtype."""
-    block_p, block_c = TRITON.blocks(dims.channels)
+    config = TRITON["d_image"]
+    block_p, block_c = config.blocks(dims.channels)
     num_images = dims.num_pixels // dims.pixels_per_image
     zeros = jnp.zeros((num_images * dims.height * dims.width * dims.channels,), jnp.float32)
-    d_image_f32 = pl.pallas_call(
-        functools.partial(_d_image_kernel, dims=dims, block_p=block_p, block_c=block_c),
-        out_shape=jax.ShapeDtypeStruct(zeros.shape, jnp.float32),
-        grid=(pl.cdiv(dims.num_pixels, block_p), pl.cdiv(dims.channels, block_c)),
-        input_output_aliases={2: 0}, compiler_params=compiler_params(), interpret=interpret,
-        name="grid_sample_d_image")(flat_grid, cotangent, zeros)
+
+    def make_call(interpret_flag):
+        call = pl.pallas_call(
+            functools.partial(_d_image_kernel, dims=dims, block_p=block_p, block_c=block_c),
+            out_shape=jax.ShapeDtypeStruct(zeros.shape, jnp.float32),
+            grid=(pl.cdiv(dims.num_pixels, block_p), pl.cdiv(dims.channels, block_c)),
+            input_output_aliases={2: 0}, compiler_params=compiler_params(config),
+            interpret=interpret_flag, name="grid_sample_d_image")
+        return interpret_atomic.scatter_add_scope(call) if interpret_flag else call
+
+    d_image_f32 = kernel_or_interpreter(make_call, PLATFORMS, interpret, flat_grid, cotangent,
+                                        zeros)
     return d_image_f32.astype(image_dtype)
 
 
-# --- Interpret mode: atomic adds that add ---------------------------------------------------
-# JAX bug (jax 0.10.2 and 0.11.2): the state-discharge rule of Pallas Triton's `atomic_rmw`
-# (jax/_src/pallas/triton/primitives.py, used only by interpret mode) writes gathered-index
-# adds as `ref.at[idx].set(ref[idx] + val)`, so of several lanes hitting one element only the
-# last write survives, and it raises NotImplementedError for any mask. The d_image kernel needs
-# both. `fix_interpret_atomic_add` registers a scatter-add rule for that case (the upstream
-# rule keeps every other case); the kernel module calls it only when interpreting.
-UPSTREAM_ATOMIC_DISCHARGE = state_discharge._discharge_rules[triton_primitives.atomic_rmw_p]
-# The rule's signature: (in_avals, out_avals, *args) in jax 0.10, (ctx, *args) in jax 0.11.
-_RULE_TAKES_CONTEXT = next(iter(inspect.signature(UPSTREAM_ATOMIC_DISCHARGE).parameters)) == "ctx"
-
-
-def _atomic_discharge(*args, args_tree, atomic_type):
-    if _RULE_TAKES_CONTEXT:
-        num_inputs, flat_args = len(args[0].in_avals), args[1:]
-    else:
-        num_inputs, flat_args = len(args[0]), args[2:]
-    ref, transforms, value, mask = args_tree.unflatten(flat_args)
-    *outer_transforms, indexer = transforms
-    gathered = not any(isinstance(index, state_indexing.Slice) for index in indexer.indices)
-    if (atomic_type != triton_primitives.AtomicOpType.ADD or outer_transforms
-            or not gathered):
-        return UPSTREAM_ATOMIC_DISCHARGE(*args, args_tree=args_tree, atomic_type=atomic_type)
-    index = tuple(indexer.indices)
-    if mask is not None:
-        value = jnp.where(mask, value, jnp.zeros_like(value))
-    return ((ref.at[index].add(value, mode="drop"),) + (None,) * (num_inputs - 1),
-            ref[index])
-
-
-def fix_interpret_atomic_add():
-    """Makes interpret-mode ``atomic_add`` scatter-add (idempotent; see the comment above)."""
-    state_discharge.register_discharge_rule(triton_primitives.atomic_rmw_p)(_atomic_discharge)

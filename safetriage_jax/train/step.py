@@ -215,11 +215,12 @@ def train_step(state: TrainState, batch, vgg_params, *, model, vgg, txs, cfg, st
     return new_state, metrics
 
 
-def lower_train_step(config, batch_size, steps_per_epoch=1000):
+def lower_train_step(config, batch_size, steps_per_epoch=1000, sharding=None):
     """The jitted :func:`train_step` of ``config`` lowered on abstract inputs (one device).
 
     Needs no data and no VGG weights file: state, batch (float32 images in [0, 1]) and VGG
     variables are ``jax.ShapeDtypeStruct``s. Inspect ``.as_text()`` or ``.compile()`` it.
+    ``sharding`` places them (e.g. on a compile-only device of ``safetriage_jax.aot``).
     """
     model, vgg = networks(config)
     txs = optimizers(config.train, steps_per_epoch, model.config.bg)
@@ -230,4 +231,8 @@ def lower_train_step(config, batch_size, steps_per_epoch=1000):
     step = jax.jit(functools.partial(train_step, model=model, vgg=vgg, txs=txs, cfg=config,
                                      steps_per_epoch=steps_per_epoch),
                    donate_argnums=0)  # as the trainer's: the new state reuses the old's buffers
-    return step.lower(state, {"source": images, "driving": images}, vgg_lib.variable_shapes())
+    inputs = (state, {"source": images, "driving": images}, vgg_lib.variable_shapes())
+    if sharding is not None:
+        inputs = jax.tree.map(
+            lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sharding), inputs)
+    return step.lower(*inputs)
