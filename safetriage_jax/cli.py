@@ -260,7 +260,7 @@ def build_parser():
         from safetriage_jax.deid.faces import DEFAULT_FACE_BACKEND, FACE_BACKENDS
         p.add_argument("--face-backend", default=DEFAULT_FACE_BACKEND, choices=FACE_BACKENDS,
                        help="face detection, landmarks and embeddings: jax (CenterFace and "
-                            "dlib's models in JAX, batched on the device; extra `centerface`) "
+                            "dlib's models in JAX, batched on the device) "
                             f"or dlib (the reference, one frame at a time); default "
                             f"{DEFAULT_FACE_BACKEND}")
 
@@ -346,7 +346,7 @@ def build_parser():
     add_face_backend(p)
     p.add_argument("--detector", default=None, choices=["hog", "centerface"],
                    help="with --face-backend dlib: dlib HOG (default) or CenterFace run by "
-                        "OpenCV (extra `centerface`); the jax backend always uses CenterFace")
+                        "OpenCV; the jax backend always uses CenterFace")
     add_animation_options(p)
     p.add_argument("--warp-implementation", default=None, help="grid-sample backend (default: best)")
     p.add_argument("--report-show-original", action="store_true",

