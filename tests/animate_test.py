@@ -1,5 +1,5 @@
-"""Video I/O and the batched animate pipeline, end to end on the shared samples (with the TINY
-model: the ported fixture's outputs are checked against upstream in porting_test)."""
+"""Video I/O and the batched animate pipeline, end to end on the shared samples (mostly with the
+TINY model: the ported fixture's outputs are checked against upstream in porting_test)."""
 
 import fractions
 
@@ -48,11 +48,12 @@ def test_animate_writes_every_frame_at_the_driving_fps(tmp_path, short_clip, tin
     assert [p.name for p in tmp_path.iterdir()] == ["out.mp4"]  # no temp files left behind
 
 
-def test_batch_size_does_not_change_the_result(tmp_path, short_clip, tiny_model_dir):
+def test_batch_size_does_not_change_the_result(tmp_path, short_clip, fixture_model_dir):
+    """On the 256 px fixture: on the 64 px TINY model the mean difference was 1.47 levels."""
     outs = []
     for batch in (3, 11):
         out = tmp_path / f"b{batch}.mp4"
-        animate_video(tiny_model_dir, SAMPLES / "source.png", short_clip, out,
+        animate_video(fixture_model_dir, SAMPLES / "source.png", short_clip, out,
                       batch_size=batch, progress=False)
         with VideoReader(out) as reader:
             outs.append(np.stack(list(reader)).astype(np.int16))
