@@ -33,15 +33,16 @@ def measure(config, batch_size, steps):
     rng = np.random.default_rng(0)
     batch = trainer.global_batch({k: rng.integers(0, 256, (batch_size, size, size, 3), np.uint8)
                                   for k in ("source", "driving")})
-    compiled = trainer.step.lower(state, batch, vgg).compile()
+    extras = trainer.step_extras(vgg)
+    compiled = trainer.step.lower(state, batch, *extras).compile()
     sizes = cost.memory(compiled)
     estimate = sizes["total"] / GIB if sizes is not None else float("nan")
-    state, metrics = compiled(state, batch, vgg)  # warm-up (the step compiled once, above)
+    state, metrics = compiled(state, batch, *extras)  # warm-up (the step compiled once, above)
     jax.block_until_ready(metrics)
     seconds = []
     for _ in range(steps):
         start = time.perf_counter()
-        state, metrics = compiled(state, batch, vgg)
+        state, metrics = compiled(state, batch, *extras)
         jax.block_until_ready(metrics)
         seconds.append(time.perf_counter() - start)
     stats = jax.devices()[0].memory_stats() or {}

@@ -62,10 +62,12 @@ def parity_outputs(config, variables, source_NCHW, driving_NCHW, warp_implementa
 
 
 def relative_error(actual, expected):
-    """||actual - expected|| / ||expected|| over the whole tensor."""
-    expected = np.asarray(expected, np.float64)
-    diff = np.linalg.norm(np.asarray(actual, np.float64) - expected)
-    return float(diff / max(np.linalg.norm(expected), 1e-30))
+    """||actual - expected|| / ||expected|| over the whole tensor, in float64; for two trees of
+    the same structure (variables, gradients), over all their leaves as one vector."""
+    actual, expected = (np.concatenate([np.ravel(np.asarray(x, np.float64))
+                                        for x in jax.tree.leaves(tree)])
+                        for tree in (actual, expected))
+    return float(np.linalg.norm(actual - expected) / max(np.linalg.norm(expected), 1e-30))
 
 
 def compare(outputs, expected):

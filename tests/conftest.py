@@ -1,7 +1,9 @@
 """Shared test fixtures: the shared/ folder beside the project, small configs, ported weights."""
 
+import atexit
 import os
 import pathlib
+import shutil
 import tempfile
 
 import jax
@@ -16,14 +18,45 @@ SAMPLES = SHARED / "samples"
 
 # One persistent XLA cache for the session (subprocesses too): the training tests compile the
 # same step several times, and on two CPU cores compiling costs more than running.
-os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", tempfile.mkdtemp(prefix="safetriage-xla-"))
+if "JAX_COMPILATION_CACHE_DIR" not in os.environ:  # else a parent session's, or the user's
+    os.environ["JAX_COMPILATION_CACHE_DIR"] = tempfile.mkdtemp(prefix="safetriage-xla-")
+    atexit.register(shutil.rmtree, os.environ["JAX_COMPILATION_CACHE_DIR"], ignore_errors=True)
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.5")
 jax.config.update("jax_compilation_cache_dir", os.environ["JAX_COMPILATION_CACHE_DIR"])
-jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+jax.config.update("jax_persistent_cache_min_compile_time_secs",
+                  float(os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"]))
 
 # The smallest model that still exercises every code path (all five networks, four masks).
 TINY = TPSMMConfig(image_size=64, num_tps=2, generator_block_expansion=8,
                    generator_max_features=16, dense_block_expansion=8, dense_max_features=16,
                    dense_num_blocks=3, id_bottle_size=8, pose_bottle_size=8)
+
+
+# The one training config of every training test (configs/train.py:small with these overrides):
+# the TINY networks and a small synthetic set. The compiled step takes steps_per_epoch as an
+# argument, so tests that train with this config at the same batch share one compiled step
+# (through the persistent cache above).
+TINY_TRAIN = ("small,model.num_tps=2,model.generator_block_expansion=8,"
+              "model.generator_max_features=16,model.dense_block_expansion=8,"
+              "model.dense_max_features=16,model.id_bottle_size=8,model.pose_bottle_size=8,"
+              "data.synthetic.train_identities=6,data.synthetic.test_identities=2,"
+              "data.synthetic.frames_per_clip=8,train.batch_size=4,train.scales=1.0,"
+              "train.loss_weights.perceptual=10.0;10.0;0.0;0.0;0.0")
+
+
+def tiny_train_config(data_dir, *overrides):
+    """TINY_TRAIN reading its dataset from ``data_dir``, with further ``key=value`` overrides."""
+    from configs.train import get_config
+    return get_config(",".join([TINY_TRAIN, f"data.data_dir={data_dir}", *overrides]))
+
+
+@pytest.fixture(scope="session")
+def tiny_data_dir(tmp_path_factory):
+    """TINY_TRAIN's synthetic dataset, built once for every test (and subprocess) that trains."""
+    from safetriage_jax.train.backbone import open_dataset
+    data_dir = tmp_path_factory.mktemp("tfds")
+    open_dataset(tiny_train_config(data_dir), "train")
+    return data_dir
 
 
 @pytest.fixture(scope="session")
@@ -47,6 +80,13 @@ def fixture_model_dir(tmp_path_factory, fixture_config, fixture_variables):
 def tiny_variables():
     from safetriage_jax.models.tpsmm import init_variables
     return init_variables(TINY, jax.random.PRNGKey(0))
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory, tiny_variables):
+    """A model directory of the TINY model (random weights): fast to load and run."""
+    from safetriage_jax.model_dir import save_model
+    return save_model(tmp_path_factory.mktemp("model") / "tiny", TINY, tiny_variables)
 
 
 @pytest.fixture

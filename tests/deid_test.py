@@ -55,12 +55,6 @@ def patient_video(tmp_path_factory):
     return path
 
 
-@pytest.fixture(scope="module")
-def tiny_model_dir(tmp_path_factory, tiny_variables):
-    from safetriage_jax.model_dir import save_model
-    return save_model(tmp_path_factory.mktemp("model") / "tiny", TINY, tiny_variables)
-
-
 def _read(path):
     with VideoReader(path) as reader:
         return np.stack(list(reader))

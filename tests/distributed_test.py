@@ -4,9 +4,9 @@ collectives on 127.0.0.1) against one process with two devices, same seed and gl
 One run sequence, shared by the tests below: (1) one process, two devices, 6 steps (the
 reference); (2) two processes, killed once step 2 is checkpointed; (3) the same two resumed to step 4
 (sample grids at steps 2 and 4, the model); (4) that work directory resumed on one process
-to step 6. (1) runs beside (2), and the processes share a persistent XLA cache, so (3) and (4)
-reuse the programs (2) and (1) compiled. Every wait is bounded; a hang kills the process
-groups and fails with the logs.
+to step 6. (1) runs beside (2); every process reads the session's prepared TINY_TRAIN dataset
+and shares the session's persistent XLA cache, so (3) and (4) reuse the programs (2) and (1)
+compiled. Every wait is bounded; a hang kills the process groups and fails with the logs.
 """
 
 import json
@@ -22,8 +22,8 @@ import time
 import numpy as np
 import pytest
 
+from conftest import TINY_TRAIN
 from safetriage_jax import cli
-from train_test import TINY
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 RUN_TIMEOUT_S = 600
@@ -41,12 +41,10 @@ def launch(workdir, data_dir, *, processes, devices, num_steps, resume=False, sa
            stage="run"):
     """Starts ``processes`` CLI training processes (each its own process group), logging to
     ``workdir``.<stage>.log-<i>; returns the Popen objects."""
-    spec = (f"{ROOT}/configs/train.py:{TINY},data.data_dir={data_dir},{SETTINGS},"
+    spec = (f"{ROOT}/configs/train.py:{TINY_TRAIN},data.data_dir={data_dir},{SETTINGS},"
             f"train.num_steps={num_steps},log.sample_every_steps={samples}")
-    env = dict(os.environ, JAX_PLATFORMS="cpu",
-               XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
-               JAX_COMPILATION_CACHE_DIR=str(workdir.parent / "xla-cache"),
-               JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="1")
+    env = dict(os.environ, JAX_PLATFORMS="cpu",  # with the session's compilation cache
+               XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}")
     port = free_port()
     runs = []
     for index in range(processes):
@@ -108,13 +106,11 @@ def losses(workdir):
 
 
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory):
+def runs(tmp_path_factory, tiny_data_dir):
     root = tmp_path_factory.mktemp("distributed")
-    data_dir = root / "tfds"
+    data_dir = tiny_data_dir  # prepared: the runs only read it
     reference, two = root / "one-process", root / "two-processes"
-    # Its own copy of the (seeded, identical) dataset: two builders must not race on one folder.
-    reference_runs = launch(reference, root / "tfds-reference", processes=1, devices=2,
-                            num_steps=6)
+    reference_runs = launch(reference, data_dir, processes=1, devices=2, num_steps=6)
     try:
         kill_after_checkpoint(launch(two, data_dir, processes=2, devices=1, num_steps=100,
                                      samples=2, stage="killed"), two, step=2)

@@ -14,16 +14,10 @@ import jax
 import numpy as np
 from jax.sharding import Mesh
 
-from safetriage_jax.train.checkpoints import TrainCheckpoints
+from safetriage_jax.parity import relative_error
 from safetriage_jax.train.backbone import Trainer
-from tests.train_test import tiny_config
-
-
-def relative_error(a, b):
-    """Relative error of a whole tree: |a - b| / |a| over all leaves."""
-    a, b = (np.concatenate([np.ravel(x).astype(np.float64) for x in jax.tree.leaves(t)])
-            for t in (a, b))
-    return float(np.linalg.norm(a - b) / np.linalg.norm(a))
+from safetriage_jax.train.checkpoints import TrainCheckpoints
+from tests.conftest import tiny_train_config
 
 
 def main(argv=None):
@@ -32,15 +26,15 @@ def main(argv=None):
     parser.add_argument("--checkpoint-dir", required=True)
     args = parser.parse_args(argv)
     assert jax.device_count() == 8, jax.devices()
-    config = tiny_config("unused", "train.bg_start=0", "train.batch_size=8",
-                         "train.loss_weights.perceptual=10.0;0.0;0.0;0.0;0.0")
+    config = tiny_train_config("unused", "train.bg_start=0", "train.batch_size=8",
+                               "train.loss_weights.perceptual=10.0;0.0;0.0;0.0;0.0")
     rng = np.random.default_rng(args.seed)
     print("numpy seed", args.seed)
     batch = {k: rng.integers(0, 256, (8, 64, 64, 3), dtype=np.uint8) for k in ("source", "driving")}
     (one, state_1, metrics_1), (eight, state_8, metrics_8) = steps_on_one_and_eight(config, batch)
-    errors = dict(loss=relative_error(metrics_1["loss"], metrics_8["loss"]),
-                  batch_stats=relative_error(state_1.batch_stats, state_8.batch_stats),
-                  params=relative_error(state_1.params, state_8.params))
+    errors = dict(loss=relative_error(metrics_8["loss"], metrics_1["loss"]),
+                  batch_stats=relative_error(state_8.batch_stats, state_1.batch_stats),
+                  params=relative_error(state_8.params, state_1.params))
     print("relative differences, 1 vs 8 devices:", errors)
     assert errors["loss"] < 1e-5 and errors["batch_stats"] < 1e-5 and errors["params"] < 2e-3, errors
 
@@ -56,8 +50,8 @@ def main(argv=None):
     config.train.update(batch_size=16, micro_batches=2)
     batch = {k: rng.integers(0, 256, (16, 64, 64, 3), dtype=np.uint8) for k in ("source", "driving")}
     (_, state_1, metrics_1), (_, state_8, metrics_8) = steps_on_one_and_eight(config, batch)
-    errors = dict(loss=relative_error(metrics_1["loss"], metrics_8["loss"]),
-                  batch_stats=relative_error(state_1.batch_stats, state_8.batch_stats))
+    errors = dict(loss=relative_error(metrics_8["loss"], metrics_1["loss"]),
+                  batch_stats=relative_error(state_8.batch_stats, state_1.batch_stats))
     print("relative differences with 2 micro-batches, 1 vs 8 devices:", errors)
     assert errors["loss"] < 1e-5 and errors["batch_stats"] < 1e-5, errors
     print("OK")
@@ -70,7 +64,7 @@ def steps_on_one_and_eight(config, batch):
         trainer = Trainer(config, steps_per_epoch=3, mesh=Mesh(np.array(devices), ("data",)))
         initial = initial or jax.device_get(trainer.initial_state())
         state, vgg = jax.device_put(initial, trainer.replicated)
-        state, metrics = trainer.step(state, trainer.global_batch(batch), vgg)
+        state, metrics = trainer.step(state, trainer.global_batch(batch), *trainer.step_extras(vgg))
         runs.append((trainer, jax.device_get(state), jax.device_get(metrics)))
     return runs
 

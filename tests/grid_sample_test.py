@@ -9,13 +9,9 @@ import torch.nn.functional as F
 
 from conftest import FIXTURE
 from safetriage_jax.kernels.grid_sample import PADDING_MODES, api, grid_sample
+from safetriage_jax.parity import relative_error
 
 MODES = [(mode, ac) for mode in PADDING_MODES for ac in (False, True)]
-
-
-def rel_err(actual, expected):
-    expected = np.asarray(expected, np.float64)
-    return np.linalg.norm(np.asarray(actual, np.float64) - expected) / np.linalg.norm(expected)
 
 
 def torch_reference(image_BCHW, grid_BHW2, cotangent_BCHW, mode, align_corners,
@@ -46,15 +42,15 @@ def test_matches_upstream_fixture(mode, align_corners):
     out = grid_sample(image_BHWC, jnp.asarray(data["gs_grid"]), padding_mode=mode,
                       align_corners=align_corners)
     expected = data[f"gs_{mode}_ac{int(align_corners)}"]
-    assert rel_err(np.asarray(out).transpose(0, 3, 1, 2), expected) < 1e-5
+    assert relative_error(np.asarray(out).transpose(0, 3, 1, 2), expected) < 1e-5
 
 
 def test_gradients_match_upstream_fixture():
     data = np.load(FIXTURE / "expected.npz")
     _, d_image, d_grid = jax_value_and_vjp(data["gs_input"], data["gs_grid"],
                                            data["gs_zeros_ac1_cotangent"], "zeros", True)
-    assert rel_err(d_image, data["gs_zeros_ac1_dinput"]) < 1e-5
-    assert rel_err(d_grid, data["gs_zeros_ac1_dgrid"]) < 1e-5
+    assert relative_error(d_image, data["gs_zeros_ac1_dinput"]) < 1e-5
+    assert relative_error(d_grid, data["gs_zeros_ac1_dgrid"]) < 1e-5
 
 
 @pytest.mark.parametrize("mode,align_corners", MODES)
@@ -68,7 +64,7 @@ def test_random_inputs_match_torch(rng, mode, align_corners, shape):
     expected = torch_reference(image, grid, cotangent, mode, align_corners)
     actual = jax_value_and_vjp(image, grid, cotangent, mode, align_corners)
     for name, got, want in zip(("value", "d_image", "d_grid"), actual, expected):
-        assert rel_err(got, want) < 1e-5, name
+        assert relative_error(got, want) < 1e-5, name
 
 
 @pytest.mark.parametrize("mode,align_corners", MODES)
@@ -87,7 +83,7 @@ def test_pixel_centres_and_borders_match_torch(rng, mode, align_corners):
     expected = torch_reference(image, grid, cotangent, mode, align_corners, torch.float32)
     actual = jax_value_and_vjp(image, grid, cotangent, mode, align_corners)
     for name, got, want in zip(("value", "d_image", "d_grid"), actual, expected):
-        assert rel_err(got, want) < 1e-5, name
+        assert relative_error(got, want) < 1e-5, name
 
 
 def test_bfloat16_images_follow_float32(rng):
@@ -96,7 +92,7 @@ def test_bfloat16_images_follow_float32(rng):
     out = grid_sample(image, grid)
     assert out.dtype == jnp.bfloat16
     reference = grid_sample(image.astype(jnp.float32), grid)
-    assert rel_err(out.astype(jnp.float32), reference) < 1e-2
+    assert relative_error(out.astype(jnp.float32), reference) < 1e-2
 
 
 def test_grid_batch_multiple_of_image_batch_reads_image_b(rng):
@@ -107,9 +103,9 @@ def test_grid_batch_multiple_of_image_batch_reads_image_b(rng):
     repeated = np.repeat(image, 3, axis=0)
     expected = torch_reference(repeated, grid, cotangent, "zeros", True)
     value, d_image, d_grid = jax_value_and_vjp(image, grid, cotangent, "zeros", True)
-    assert rel_err(value, expected[0]) < 1e-5
-    assert rel_err(d_image, expected[1].reshape(2, 3, 3, 9, 11).sum(1)) < 1e-5
-    assert rel_err(d_grid, expected[2]) < 1e-5
+    assert relative_error(value, expected[0]) < 1e-5
+    assert relative_error(d_image, expected[1].reshape(2, 3, 3, 9, 11).sum(1)) < 1e-5
+    assert relative_error(d_grid, expected[2]) < 1e-5
 
 
 def test_bad_arguments_raise_clear_errors():

@@ -10,13 +10,10 @@ import optax
 import pytest
 
 from safetriage_jax.models import geometry
+from safetriage_jax.parity import relative_error
 from safetriage_jax.train import losses, optimizer
 
 torch = pytest.importorskip("torch")
-
-
-def rel_err(a, b):
-    return float(np.linalg.norm(np.asarray(a) - np.asarray(b)) / np.linalg.norm(np.asarray(b)))
 
 
 def test_clip_and_coupled_adam_match_torch(rng):
@@ -44,7 +41,7 @@ def test_clip_and_coupled_adam_match_torch(rng):
         opt.step()
         sched.step()  # steps_per_epoch=1: one epoch per step
     for k in shapes:
-        assert rel_err(jparams[k], tparams[k].detach().numpy()) < 1e-5, k
+        assert relative_error(jparams[k], tparams[k].detach().numpy()) < 1e-5, k
 
 
 def test_tps_dropout_schedule_follows_upstream():
@@ -63,10 +60,10 @@ def test_random_tps_matches_upstream_formula(rng):
     expected = np.einsum("bij,bpj->bpi", theta[..., :2], points) + theta[:, None, :, 2]
     sq = ((points[:, :, None, :] - control[None, None]) ** 2).sum(-1)
     expected += (sq * np.log(sq + 1e-9) * weights[:, None, :]).sum(-1, keepdims=True)
-    assert rel_err(geometry.warp_random_tps(tps, jnp.asarray(points)), expected) < 1e-5
+    assert relative_error(geometry.warp_random_tps(tps, jnp.asarray(points)), expected) < 1e-5
     grid = geometry.random_tps_grid(tps, 4, 6)
     flat = geometry.coordinate_grid(4, 6).reshape(1, -1, 2).repeat(3, 0)
-    assert rel_err(grid.reshape(3, -1, 2), geometry.warp_random_tps(tps, flat)) < 1e-6
+    assert relative_error(grid.reshape(3, -1, 2), geometry.warp_random_tps(tps, flat)) < 1e-6
 
 
 def test_background_and_warp_losses():

@@ -12,6 +12,7 @@ from safetriage_jax import cli, outputs
 from safetriage_jax import model_dir as model_dirs
 from safetriage_jax.errors import SafeTriageError
 from safetriage_jax.models.tpsmm import variable_shapes
+from safetriage_jax.parity import relative_error
 from safetriage_jax.porting import (export_checkpoint, load_torch_checkpoint, port_checkpoint,
                                     torch_to_flax)
 
@@ -34,7 +35,7 @@ def test_parity_command_matches_upstream_pytorch(tmp_path, capsys):
     for name in EXPECTED_OUTPUTS:
         assert result[name].shape == expected[name].shape, name
         assert result[name].dtype == np.float32, name
-        err = np.linalg.norm(result[name] - expected[name]) / np.linalg.norm(expected[name])
+        err = relative_error(result[name], expected[name])
         assert err < 1e-4, (name, err)
 
 

@@ -12,20 +12,9 @@ from safetriage_jax.models.layers import SameBlock
 from safetriage_jax.models.policy import Policy
 from safetriage_jax.models.tpsmm import TPSMM
 from safetriage_jax.models.vgg import VGG19Features, random_vgg19_variables
+from safetriage_jax.parity import relative_error
 from safetriage_jax.train import backbone, cost, step
-from conftest import TINY as TINY_MODEL
-
-# The tiny training config of train_test (same networks), two pyramid scales, batch 2.
-TINY = ("small,model.num_tps=2,model.generator_block_expansion=8,model.generator_max_features=16,"
-        "model.dense_block_expansion=8,model.dense_max_features=16,train.batch_size=2,"
-        "train.scales=1.0;0.5,train.bg_start=0,train.loss_weights.perceptual=10.0;10.0;0.0;0.0;0.0")
-
-
-def rel(a, b):
-    """Relative error of a whole tree (float64 norms)."""
-    a, b = (np.concatenate([np.ravel(np.asarray(x, np.float64)) for x in jax.tree.leaves(t)])
-            for t in (a, b))
-    return float(np.linalg.norm(a - b) / np.linalg.norm(b))
+from conftest import TINY, TINY_TRAIN
 
 
 def test_conv_flop_count_matches_the_formula_forward_and_backward(rng):
@@ -53,23 +42,26 @@ def test_bf16_policy_puts_the_vox256_step_convs_in_bf16():
 @pytest.fixture(scope="module")
 def tiny_batches():
     data = np.random.default_rng(0)
-    return [{k: data.integers(0, 256, (2, 64, 64, 3), np.uint8) for k in ("source", "driving")}
+    return [{k: data.integers(0, 256, (4, 64, 64, 3), np.uint8) for k in ("source", "driving")}
             for _ in range(3)]
 
 
 def test_bf16_training_tracks_float32(tiny_batches):
-    """Three steps from the same state and batches. The first loss (same weights) agrees to 1%;
-    later ones to 10%: Adam's first steps move each weight by about +-lr whatever the gradient's
-    size, so gradients that bf16 rounding flips in sign move weights apart."""
+    """Three steps from the same state and batches, one epoch each (so the TPS dropout rate
+    changes and the background optimizer joins at the third). The first loss (same weights)
+    agrees to 1%; later ones to 10%: Adam's first steps move each weight by about +-lr whatever
+    the gradient's size, so gradients that bf16 rounding flips in sign move weights apart.
+    The float32 trainer is train_test's (same config), compiled once per session."""
     losses = {}
     initial = None
     for precision in ("float32", "bfloat16"):
-        trainer = backbone.Trainer(get_config(f"{TINY},train.precision={precision}"), 1000)
+        trainer = backbone.Trainer(get_config(f"{TINY_TRAIN},train.precision={precision}"),
+                                   steps_per_epoch=1)
         initial = initial or jax.device_get(trainer.initial_state())
         state, vgg = jax.device_put(initial, trainer.replicated)
         losses[precision] = []
         for batch in tiny_batches:
-            state, metrics = trainer.step(state, trainer.global_batch(batch), vgg)
+            state, metrics = trainer.step(state, trainer.global_batch(batch), *trainer.step_extras(vgg))
             losses[precision].append(float(metrics["loss"]))
         assert jax.tree.leaves(state.params)[0].dtype == jnp.float32  # master weights
     print(losses)
@@ -91,7 +83,7 @@ def test_remat_leaves_gradients_unchanged(rng, tiny_variables):
 
     def loss(params, remat):
         policy = Policy(remat=remat)
-        out, _ = TPSMM(TINY_MODEL, policy).apply(dict(tiny_variables, params=params), source,
+        out, _ = TPSMM(TINY, policy).apply(dict(tiny_variables, params=params), source,
                                                   driving, train=True, mutable=["batch_stats"])
         features = step.frozen_features(VGG19Features(2, policy), vgg_params, policy)
         prediction = out["prediction"]
@@ -101,7 +93,7 @@ def test_remat_leaves_gradients_unchanged(rng, tiny_variables):
 
     grad_fn = jax.jit(jax.grad(loss), static_argnums=1)
     plain, remat = (grad_fn(tiny_variables["params"], name) for name in ("none", "blocks"))
-    error = rel(remat, plain)
+    error = relative_error(remat, plain)
     print("relative gradient difference with remat=blocks:", error)
     assert error < 1e-2
 
@@ -143,7 +135,7 @@ def test_micro_batches_accumulate_the_whole_batch_gradient(rng):
     (whole, _), whole_grads = jax.value_and_grad(loss_fn, has_aux=True)(params, stats, batch, key)
     (total, (terms, new_stats)), grads = step.accumulated_gradients(
         loss_fn, params, stats, batch, key, 4)
-    assert rel(grads, whole_grads) < 1e-6
+    assert relative_error(grads, whole_grads) < 1e-6
     np.testing.assert_allclose(total, whole, rtol=1e-6)
     np.testing.assert_allclose(terms["l2"], whole, rtol=1e-6)
     expected = stats
@@ -177,7 +169,7 @@ def test_micro_batches_keep_one_slice_of_activations_live(rng):
 
 
 def test_a_batch_that_micro_batches_cannot_split_evenly_is_refused():
-    config = get_config(TINY)
+    config = get_config(TINY_TRAIN)
     config.train.update(batch_size=6, micro_batches=4)  # past the config check, as code may do
     with pytest.raises(SafeTriageError, match="multiple of 4 micro-batches x the device count 1"):
         backbone.Trainer(config, 1000)

@@ -9,6 +9,7 @@ import torch
 from safetriage_jax.errors import SafeTriageError
 from safetriage_jax.models.vgg import (IMAGENET_MEAN, IMAGENET_STD, VGG19Features,
                                        random_vgg19_variables, variable_shapes)
+from safetriage_jax.parity import relative_error
 from safetriage_jax.porting import port_vgg19
 
 # torchvision's vgg19().features, written out here: "M" = MaxPool2d(2, 2); each int is a
@@ -72,7 +73,7 @@ def test_ported_features_match_torch(tmp_path, rng):
     for name, out, ref in zip(["relu1_1", "relu2_1", "relu3_1", "relu4_1", "relu5_1"], got, expected):
         out = np.asarray(out).transpose(0, 3, 1, 2)
         assert out.shape == ref.shape, name
-        errors.append(np.linalg.norm(out - ref) / np.linalg.norm(ref))
+        errors.append(relative_error(out, ref))
     print("relative errors relu1_1..relu5_1:", ", ".join(f"{e:.2e}" for e in errors))
     assert max(errors) < 1e-5, errors
     # He scaling keeps the deepest features O(1), so the comparison above is meaningful.

@@ -9,6 +9,7 @@ import pathlib
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from safetriage_jax.errors import SafeTriageError
 from safetriage_jax.models.tpsmm import initialize
@@ -48,7 +49,10 @@ def pair_options(config):
 
 
 class Trainer(MeshTrainer):
-    """The backbone trainer: model, optimizers and the jitted upstream train step."""
+    """The backbone trainer: model, optimizers and the jitted upstream train step.
+
+    ``steps_per_epoch`` is an argument of the compiled step (:meth:`step_extras`), so a trainer
+    is reused for another dataset size by setting the attribute."""
 
     def __init__(self, config, steps_per_epoch, mesh=None):
         super().__init__(config, mesh, micro_batches=config.train.micro_batches)
@@ -57,8 +61,7 @@ class Trainer(MeshTrainer):
         self.steps_per_epoch = steps_per_epoch
         self.txs = train_lib.optimizers(config.train, steps_per_epoch, self.model_config.bg)
         self.step = self.jit_step(functools.partial(
-            train_lib.train_step, model=self.model, vgg=self.vgg, txs=self.txs, cfg=config,
-            steps_per_epoch=steps_per_epoch), num_extras=1)
+            train_lib.train_step, model=self.model, vgg=self.vgg, cfg=config), num_extras=2)
         self.predict = self.jit_predict(self._predict_impl)
         self._init_state = jax.jit(self._init_state_impl, out_shardings=self.replicated)
 
@@ -72,7 +75,7 @@ class Trainer(MeshTrainer):
         return self._init_state(model_key, step_key), self.vgg_variables(vgg_key)
 
     def step_extras(self, vgg):
-        return (vgg,)
+        return (vgg, np.int32(self.steps_per_epoch))
 
     def predict_extras(self):
         return ()
@@ -109,8 +112,9 @@ def _train(config, workdir, resume, progress, trainer):
     clips, cache_dir = open_dataset(config, "train")
     steps_per_epoch = pipeline.steps_per_epoch(clips, global_batch_size=config.train.batch_size,
                                                options=pair_options(config), cache_dir=cache_dir)
-    if trainer is None or trainer.steps_per_epoch != steps_per_epoch:
+    if trainer is None:
         trainer = Trainer(config, steps_per_epoch)
+    trainer.steps_per_epoch = steps_per_epoch  # a step argument: the compiled step is reused
     num_steps = total_steps(config, steps_per_epoch)
     batches = lambda start_step: pipeline.training_pairs(
         clips, global_batch_size=config.train.batch_size, seed=config.train.seed,

@@ -44,9 +44,17 @@ def adam_coupled(learning_rate, weight_decay):
 
 
 def learning_rate(base, milestones_epochs, steps_per_epoch):
-    """MultiStepLR(gamma=0.1) stepped per epoch, as a function of the optimizer step."""
-    return optax.piecewise_constant_schedule(
-        base, {int(m) * steps_per_epoch: 0.1 for m in milestones_epochs})
+    """MultiStepLR(gamma=0.1) stepped per epoch, as a function of the optimizer step.
+
+    ``steps_per_epoch`` may be traced (the train step takes it as an argument), so one compiled
+    step serves any epoch length. float32 products in optax's piecewise-constant order."""
+    def schedule(count):
+        value = jnp.float32(base)
+        for milestone in sorted(int(m) for m in milestones_epochs):
+            value = jnp.where(count >= milestone * steps_per_epoch, jnp.float32(0.1) * value, value)
+        return value
+
+    return schedule
 
 
 def generator_optimizer(train_cfg, steps_per_epoch):

@@ -175,9 +175,13 @@ def accumulated_gradients(loss_fn, params, batch_stats, batch, rng, micro_batche
     return (mean(totals), (jax.tree.map(mean, terms), batch_stats)), grads
 
 
-def train_step(state: TrainState, batch, vgg_params, *, model, vgg, txs, cfg, steps_per_epoch):
-    """One optimizer step -> (new state, metrics). ``batch``: source/driving (B,H,W,3) in [0,1]."""
+def train_step(state: TrainState, batch, vgg_params, steps_per_epoch, *, model, vgg, cfg):
+    """One optimizer step -> (new state, metrics). ``batch``: source/driving (B,H,W,3) in [0,1].
+
+    ``steps_per_epoch`` (an int32 argument, not a constant: the compiled step serves any dataset
+    size) turns the step into the epoch of upstream's schedules."""
     tcfg = cfg.train
+    txs = optimizers(tcfg, steps_per_epoch, model.config.bg)
     epoch = state.step // steps_per_epoch
     rng = jax.random.fold_in(state.rng, state.step)
     jitter_key, loss_key = jax.random.split(rng)
@@ -228,10 +232,10 @@ def lower_train_step(config, batch_size, steps_per_epoch=1000, sharding=None):
                                                 txs, jax.random.PRNGKey(1)))
     size = model.config.image_size
     images = jax.ShapeDtypeStruct((batch_size, size, size, model.config.num_channels), jnp.float32)
-    step = jax.jit(functools.partial(train_step, model=model, vgg=vgg, txs=txs, cfg=config,
-                                     steps_per_epoch=steps_per_epoch),
+    step = jax.jit(functools.partial(train_step, model=model, vgg=vgg, cfg=config),
                    donate_argnums=0)  # as the trainer's: the new state reuses the old's buffers
-    inputs = (state, {"source": images, "driving": images}, vgg_lib.variable_shapes())
+    inputs = (state, {"source": images, "driving": images}, vgg_lib.variable_shapes(),
+              jax.ShapeDtypeStruct((), jnp.int32))  # steps_per_epoch: a traced argument
     if sharding is not None:
         inputs = jax.tree.map(
             lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sharding), inputs)
