@@ -1,7 +1,6 @@
 """Nothing of the user's is ever replaced (issue 20): the tool overwrites only what carries its
 own mark, whatever the command, and claims a work directory before any work."""
 
-import json
 
 import av
 import numpy as np

@@ -11,7 +11,6 @@ stores past the end (see ``store``).
 
 import dataclasses
 
-import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu

@@ -49,7 +49,7 @@ def read_con(f):
     num_filters, rows, cols = read_int(f), read_int(f), read_int(f)
     stride = (read_int(f), read_int(f))
     padding = (read_int(f), read_int(f))
-    filters_shape, biases_shape = read_alias_tensor(f), read_alias_tensor(f)
+    filters_shape, _ = read_alias_tensor(f), read_alias_tensor(f)  # biases: implied by the filters
     for _ in range(4):  # learning-rate and weight-decay multipliers
         read_float(f)
     use_bias = read_bool(f) if name in ("con_5", "con_6") else True
