@@ -1,5 +1,7 @@
 """Dataset builders (tfds, array_record) and the grain pair pipeline."""
 
+import json
+
 import numpy as np
 import pytest
 
@@ -137,7 +139,7 @@ def test_the_identity_cache_is_written_atomically_and_replaces_only_its_own(tmp_
     clips = numbered_clips(2, 2)
     assert pipeline.identity_index(clips, tmp_path) == ["p0", "p0", "p1", "p1"]
     cache = tmp_path / "identities.json"
-    assert cache.read_text() == '["p0", "p0", "p1", "p1"]'
+    assert json.loads(cache.read_text())["identities"] == ["p0", "p0", "p1", "p1"]
     assert [p.name for p in tmp_path.iterdir()] == ["identities.json"]  # no staging left
     clips += numbered_clips(1, 1)  # another dataset: the stale cache is rebuilt
     assert pipeline.identity_index(clips, tmp_path) == ["p0", "p0", "p1", "p1", "p0"]

@@ -106,26 +106,32 @@ class SampleFramePair:
 
 
 def identity_index(clips, cache_dir=None) -> list:
-    """Identity of each record, read once and cached as JSON beside the dataset."""
+    """Identity of each record, read once and cached as JSON beside the dataset. The cache
+    carries the tool's mark, so a stale one is replaced only if this tool wrote it."""
     cache = pathlib.Path(cache_dir) / "identities.json" if cache_dir else None
     if cache is not None and cache.is_file():
-        identities = json.loads(cache.read_text())
-        if len(identities) == len(clips):
+        identities = _cached_identities(cache)
+        if identities is not None and len(identities) == len(clips):
             return identities
     identities = [_text(clips[i]["identity"]) for i in range(len(clips))]
-    if cache is not None:  # staged per process, so processes may race
-        outputs.write_text(cache, json.dumps(identities), overwrite=True,
-                           recognise=_is_identity_index)
+    if cache is not None:
+        try:
+            outputs.write_json(cache, {"identities": identities}, overwrite=True)
+        except SafeTriageError:  # processes race to write it: the winner's equal cache is fine
+            if _cached_identities(cache) != identities:
+                raise
     return identities
 
 
-def _is_identity_index(path):
-    """Whether ``path`` is an identity cache this module wrote (a JSON list of names)."""
+def _cached_identities(cache):
+    """The names in an identity cache (marked ``{"identities": [...]}``, or an earlier
+    version's plain list), or None if it is not one."""
     try:
-        identities = json.loads(path.read_text())
+        data = json.loads(cache.read_text())
     except (OSError, ValueError):
-        return False
-    return isinstance(identities, list) and all(isinstance(i, str) for i in identities)
+        return None
+    names = data.get("identities") if isinstance(data, dict) else data
+    return names if isinstance(names, list) and all(isinstance(n, str) for n in names) else None
 
 
 def _text(value):
