@@ -9,13 +9,13 @@ as upstream's demo animates), measured in the same run. Prints a table and write
 """
 
 import argparse
-import json
 import platform
 import time
 
 import jax
 import numpy as np
 
+from safetriage_jax import outputs
 from safetriage_jax.animate import Animator
 from safetriage_jax.models.config import load_model_config
 from safetriage_jax.models.tpsmm import init_variables
@@ -69,11 +69,10 @@ def main():
         print(f"{row['batch']:>6} {row['seconds_per_call'] * 1e3:>10.1f} "
               f"{row['frames_per_s']:>10.2f} {row['frames_per_s'] / base:>11.2f}x")
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump({"config": args.config, "compute_dtype": args.compute_dtype,
+        outputs.write_json(args.json, {"config": args.config, "compute_dtype": args.compute_dtype,
                        "device": device.device_kind,
                        "platform": device.platform, "jax": jax.__version__,
-                       "host": platform.node(), "rows": rows}, f, indent=2)
+                       "host": platform.node(), "rows": rows}, overwrite=True)
 
 
 if __name__ == "__main__":

@@ -19,7 +19,6 @@ the occupancy they allow.
 import argparse
 import dataclasses
 import functools
-import json
 import sys
 import time
 import traceback
@@ -27,7 +26,7 @@ import traceback
 import jax
 import jax.numpy as jnp
 
-from safetriage_jax import aot
+from safetriage_jax import aot, outputs
 from safetriage_jax.kernels.grid_sample import api, specs
 
 GIB = 2 ** 30
@@ -189,9 +188,8 @@ def main():
         return 2
     rows = {"kernels": kernels, "train": train}[args.what](args)
     if args.json:
-        with open(args.json, "w") as out:
-            json.dump({"date": time.strftime("%Y-%m-%d"), "jax": jax.__version__,
-                       "target": args.target, "what": args.what, "rows": rows}, out, indent=1)
+        outputs.write_json(args.json, {"date": time.strftime("%Y-%m-%d"), "jax": jax.__version__,
+                       "target": args.target, "what": args.what, "rows": rows}, overwrite=True)
     return 0
 
 

@@ -11,13 +11,13 @@ then JAX frames/s by batch size. Prints tables and writes JSON.
 """
 
 import argparse
-import json
 import platform
 import time
 
 import jax
 import numpy as np
 
+from safetriage_jax import outputs
 from safetriage_jax.deid.faces import resize
 from safetriage_jax.face_models.centerface import OUTPUTS, CenterFace, network_size
 from safetriage_jax.video import VideoReader
@@ -146,8 +146,7 @@ def main():
     for row in result["jax_batch_sweep"]:
         print(f"{row['batch']:>6} {row['frames_per_s']:>9.1f}")
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump(result, f, indent=2)
+        outputs.write_json(args.json, result, overwrite=True)
 
 
 if __name__ == "__main__":

@@ -22,7 +22,6 @@ and memory bandwidth (an estimate, not a measurement).
 """
 
 import argparse
-import json
 import os
 import pathlib
 import platform
@@ -33,6 +32,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from safetriage_jax import outputs
 from safetriage_jax.animate import Animator, animate_video
 from safetriage_jax.deid.faces import FaceTracker, dlib_rectangles, face_models
 from safetriage_jax.deid.pipeline import DeidOptions, deidentify
@@ -208,11 +208,10 @@ def main():
             print(f"{row['pipeline']:<28} {row['frames_per_s']:>9.2f} "
                   f"{base / row['seconds']:>10.2f}x {find_s:>12.2f} {render_s:>9.2f}")
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump({"config": args.config, "frames": count, "size": [width, height],
+        outputs.write_json(args.json, {"config": args.config, "frames": count, "size": [width, height],
                        "device": device.device_kind, "platform": device.platform,
                        "jax": jax.__version__, "host": platform.node(), "load_average": load,
-                       "face_stage": face_rows, "cost_per_frame": costs, "rows": rows}, f, indent=2)
+                       "face_stage": face_rows, "cost_per_frame": costs, "rows": rows}, overwrite=True)
 
 
 if __name__ == "__main__":

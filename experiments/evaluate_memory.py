@@ -9,7 +9,6 @@ buffers are not counted) next to what both videos' frames alone would take if he
 """
 
 import argparse
-import json
 import pathlib
 import tempfile
 import time
@@ -52,7 +51,7 @@ def main():
                      "seconds": round(seconds, 1)})
         print(f"{frames:>6} {peak:>8.1f} {held:>14.1f} {seconds:>8.0f}")
     if args.out:
-        outputs.write_text(args.out, json.dumps(rows, indent=2) + "\n", overwrite=True)
+        outputs.write_json(args.out, {"rows": rows}, overwrite=True)
 
 
 if __name__ == "__main__":

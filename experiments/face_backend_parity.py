@@ -18,6 +18,7 @@ import time
 
 import numpy as np
 
+from safetriage_jax import outputs
 from safetriage_jax.deid.faces import FaceTracker, face_models, resize
 from safetriage_jax.deid.framing import (BLANK, FramingOptions, face_boxes, other_faces, plan_crops,
                                          uncovered_frames)
@@ -102,9 +103,8 @@ def main():
               f"{r['jax_square_misses_dlib_face']:>4}/{r['dlib_square_misses_jax_face']:<4} "
               f"{d['seconds']:>5.0f}/{j['seconds']:<5.0f}")
     if args.json:
-        pathlib.Path(args.json).write_text(json.dumps({"video": pathlib.Path(args.video).name,
-                                                       "frames": len(frames), "rows": rows},
-                                                      indent=2))
+        outputs.write_json(args.json, {"video": pathlib.Path(args.video).name,
+                                                       "frames": len(frames), "rows": rows}, overwrite=True)
 
 
 if __name__ == "__main__":

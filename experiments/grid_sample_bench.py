@@ -10,11 +10,11 @@ in the same run (see kernels/grid_sample/bench.py). Prints a table and writes JS
 
 import argparse
 import datetime
-import json
 import platform
 
 import jax
 
+from safetriage_jax import outputs
 from safetriage_jax.kernels.grid_sample import bench, specs
 
 
@@ -47,11 +47,10 @@ def main():
           f"copy {rows[0]['copy_gbps']:.1f} GB/s")
     print(bench.format_table(rows))
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump({"device": device.device_kind, "platform": jax.default_backend(),
+        outputs.write_json(args.json, {"device": device.device_kind, "platform": jax.default_backend(),
                        "host": platform.node(), "jax": jax.__version__,
                        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(),
-                       "rows": rows}, f, indent=2)
+                       "rows": rows}, overwrite=True)
 
 
 if __name__ == "__main__":

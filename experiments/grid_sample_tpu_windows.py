@@ -10,12 +10,12 @@ the kernels' MXU work per tile. Prints a table and writes JSON.
 
 import argparse
 import dataclasses
-import json
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from safetriage_jax import outputs
 from safetriage_jax.kernels.grid_sample import config, specs
 from safetriage_jax.kernels.grid_sample.pallas_mosaic_tpu_common import make_geometry, make_plan
 from safetriage_jax.kernels.grid_sample.reference import source_coordinates
@@ -62,9 +62,8 @@ def main():
         print(f"| {case.name} | {geometry.num_blocks} x {geometry.num_windows} "
               f"| {reads.mean():.2f} ({reads.max()}) | {owned.mean():.2f} ({owned.max()}) |")
     if args.out:
-        with open(args.out, "w") as f:
-            json.dump(dict(config=dataclasses.asdict(tiles), seed=args.seed, rows=rows), f,
-                      indent=1)
+        outputs.write_json(args.out, dict(config=dataclasses.asdict(tiles), seed=args.seed, rows=rows),
+                           overwrite=True)
 
 
 if __name__ == "__main__":

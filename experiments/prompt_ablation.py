@@ -12,7 +12,6 @@ Prints one table and writes JSON.
 """
 
 import argparse
-import json
 import pathlib
 import tempfile
 import time
@@ -22,6 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 from PIL import Image
 
+from safetriage_jax import outputs
 from safetriage_jax.data import synthetic_faces
 from safetriage_jax.data.simulated_patients import PatientOptions, SimulatedPatients, TEST_SEED_OFFSET
 from safetriage_jax.deid.evaluation import evaluate_deid
@@ -144,7 +144,7 @@ def main():
                 f"{fmt(r[k]):>10}" for k in ("landmark_r", "nme", "blink_r", "mouth_r",
                                               "mouth_corner_r", "eye_opening_r", "reid_rate")))
     if args.json:
-        pathlib.Path(args.json).write_text(json.dumps(results, indent=2))
+        outputs.write_json(args.json, results, overwrite=True)
 
 
 if __name__ == "__main__":
