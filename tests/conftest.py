@@ -50,6 +50,18 @@ def tiny_train_config(data_dir, *overrides):
     return get_config(",".join([TINY_TRAIN, f"data.data_dir={data_dir}", *overrides]))
 
 
+# The files that take longest (docs/development.md, "Durations"), started first: pytest-xdist
+# hands whole files to its two workers in collection order, so the long ones overlap the rest.
+SLOWEST_FIRST = ("distributed_test.py", "train_test.py", "precision_test.py", "prompt_test.py")
+
+
+def pytest_collection_modifyitems(items):
+    def rank(item):
+        name = item.path.name
+        return SLOWEST_FIRST.index(name) if name in SLOWEST_FIRST else len(SLOWEST_FIRST)
+    items.sort(key=rank)  # stable: the order within and among the other files is kept
+
+
 @pytest.fixture(scope="session")
 def tiny_data_dir(tmp_path_factory):
     """TINY_TRAIN's synthetic dataset, built once for every test (and subprocess) that trains."""
