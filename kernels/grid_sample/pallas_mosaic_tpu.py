@@ -21,6 +21,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
 from safetriage_jax.kernels.grid_sample import config as tile_config
+from safetriage_jax.kernels.grid_sample import pallas_mosaic_tpu_planar as planar
 from safetriage_jax.kernels.grid_sample import pallas_mosaic_tpu_vjp as vjp
 from safetriage_jax.kernels.grid_sample.pallas_mosaic_tpu_common import (
     NUM_TAPS, flat_read_image, from_blocks, from_kernel_layout, interpolation_matrix_t,
@@ -81,9 +82,13 @@ def forward(image_BPC, plan, geometry, interpret):
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
 def sample_pixels(image_BHWC, ix_BQ, iy_BQ, geometry, interpret):
     """(B, Q, C) bilinear samples at pixel coordinates (already through the padding rules)."""
-    plan = make_plan(ix_BQ, iy_BQ, geometry)
-    out = forward(flat_read_image(image_BHWC, geometry), plan, geometry, interpret)
-    return from_blocks(from_kernel_layout(out, geometry), geometry).reshape(ix_BQ.shape + (geometry.channels,))
+    g = geometry
+    if g.channels_major:
+        out = planar.forward(planar.planar_image(image_BHWC, g),
+                             planar.make_plan(ix_BQ, iy_BQ, g), g, interpret)
+    else:
+        out = forward(flat_read_image(image_BHWC, g), make_plan(ix_BQ, iy_BQ, g), g, interpret)
+    return from_blocks(from_kernel_layout(out, g), g).reshape(ix_BQ.shape + (g.channels,))
 
 
 def _sample_pixels_fwd(image_BHWC, ix_BQ, iy_BQ, geometry, interpret):
@@ -94,12 +99,20 @@ def _sample_pixels_bwd(geometry, interpret, residuals, cotangent_BQC):
     image_BHWC, ix_BQ, iy_BQ = residuals
     g = geometry
     batch, height, width, channels = image_BHWC.shape
-    plan = make_plan(ix_BQ, iy_BQ, g)
     cotangent = to_kernel_layout(
         to_blocks(cotangent_BQC.reshape(batch, g.out_rows, g.out_cols, channels), g), g)
-    d_image_BHWC = vjp.d_image(cotangent, plan, g, interpret)[:, :height, :width]
-    d_x_BQ, d_y_BQ = vjp.d_coordinates(flat_read_image(image_BHWC, g), cotangent, plan, g,
-                                       interpret)
+    if g.channels_major:
+        plan = planar.make_plan(ix_BQ, iy_BQ, g)
+        d_image_BCHW = planar.d_image(cotangent, plan, g, interpret)[:, :, :height, :width]
+        d_image_BHWC = d_image_BCHW.transpose(0, 2, 3, 1)
+        d_xy_B2Q = planar.d_coordinates(planar.planar_image(image_BHWC, g), cotangent, plan, g,
+                                        interpret)
+        d_x_BQ, d_y_BQ = d_xy_B2Q[:, 0], d_xy_B2Q[:, 1]
+    else:
+        plan = make_plan(ix_BQ, iy_BQ, g)
+        d_image_BHWC = vjp.d_image(cotangent, plan, g, interpret)[:, :height, :width]
+        d_x_BQ, d_y_BQ = vjp.d_coordinates(flat_read_image(image_BHWC, g), cotangent, plan, g,
+                                           interpret)
     return (d_image_BHWC.astype(image_BHWC.dtype),
             from_blocks(d_x_BQ, g).reshape(ix_BQ.shape),
             from_blocks(d_y_BQ, g).reshape(iy_BQ.shape))
@@ -120,10 +133,17 @@ def check_supported(image_BHWC, geometry):
                                   "elements per batch row; its indices are int32.")
     # The largest step's VMEM (d_coordinates: two matrices, taps, window, accumulators; the
     # d_image step's output window block is counted with the window), float32 upper bounds.
-    matrices = 2 * g.block_pixels * g.window_pixels * 4
-    taps = 2 * 5 * SUBLANES * g.block_pixels * 4  # (4, P) blocks fill 8 sublanes
-    windows = 3 * g.window_pixels * max(g.channels, LANES) * 4
-    pixel_blocks = 4 * g.block_pixels * max(g.channels, LANES) * 4
+    if g.channels_major:  # planar: separable matrices, (C, rows, cols) windows, (C, rows, P)
+        matrices = 2 * g.block_pixels * (g.window_rows + g.window_cols) * 4
+        taps = 2 * 3 * SUBLANES * g.block_pixels * 4  # (2, P) coordinate blocks
+        windows = 4 * g.channels * g.window_pixels * 4
+        pixel_blocks = (4 * max(g.channels, SUBLANES) + 3 * g.channels * g.window_rows) \
+            * g.block_pixels * 4
+    else:
+        matrices = 2 * g.block_pixels * g.window_pixels * 4
+        taps = 2 * 5 * SUBLANES * g.block_pixels * 4  # (4, P) blocks fill 8 sublanes
+        windows = 3 * g.window_pixels * max(g.channels, LANES) * 4
+        pixel_blocks = 4 * g.block_pixels * max(g.channels, LANES) * 4
     if matrices + taps + windows + pixel_blocks > VMEM_BUDGET_BYTES:
         raise NotImplementedError(
             f"pallas_mosaic_tpu: {g.window_rows} x {g.window_cols}-pixel windows of "

@@ -32,6 +32,8 @@ from jax.experimental.pallas import tpu as pltpu
 NUM_TAPS = 4
 LANES = 128
 WINDOW_COL_STEP = 16  # window columns: whole (16, 128) bfloat16 tiles per image row segment
+PLANAR_ROW_STEP = 16  # planar window rows (C < 128): whole (16, 128) bfloat16 tiles
+PLANAR_WINDOW_BYTES = 2**20  # planar windows wider than 128 columns stay under this (float32)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -104,6 +106,10 @@ class Geometry:
         return (self.height + self.window_rows) * self.read_width
 
 
+def _round_up(value, step):
+    return -(-value // step) * step
+
+
 def make_geometry(height, width, channels, out_rows, out_cols, config):
     """The call's tiles from a ``MosaicTpuConfig``, windows shrunk to the image where smaller."""
     if (config.block_rows * config.block_cols) % LANES:
@@ -112,8 +118,18 @@ def make_geometry(height, width, channels, out_rows, out_cols, config):
     if config.window_cols % WINDOW_COL_STEP:
         raise ValueError(f"MosaicTpuConfig.window_cols must be a multiple of "
                          f"{WINDOW_COL_STEP}; got {config.window_cols}.")
-    window_rows = min(config.window_rows, height)
-    window_cols = min(config.window_cols, -(-width // WINDOW_COL_STEP) * WINDOW_COL_STEP)
+    if config.planar_window_rows % PLANAR_ROW_STEP or config.planar_window_cols % LANES:
+        raise ValueError(f"MosaicTpuConfig: planar_window_rows must be a multiple of "
+                         f"{PLANAR_ROW_STEP} and planar_window_cols of {LANES}; got "
+                         f"{config.planar_window_rows} x {config.planar_window_cols}.")
+    if channels < LANES:  # planar windows (pallas_mosaic_tpu_planar), clamped to the image
+        window_rows = min(config.planar_window_rows, _round_up(height, PLANAR_ROW_STEP))
+        window_cols = min(config.planar_window_cols, _round_up(width, LANES))
+        while channels * window_rows * window_cols * 4 > PLANAR_WINDOW_BYTES and window_cols > LANES:
+            window_cols = _round_up(window_cols // 2, LANES)  # many channels: narrower windows
+    else:
+        window_rows = min(config.window_rows, height)
+        window_cols = min(config.window_cols, _round_up(width, WINDOW_COL_STEP))
     return Geometry(height, width, channels, out_rows, out_cols, config.block_rows,
                     config.block_cols, window_rows, window_cols)
 
