@@ -84,11 +84,13 @@ def sample_pixels(image_BHWC, ix_BQ, iy_BQ, geometry, interpret):
     """(B, Q, C) bilinear samples at pixel coordinates (already through the padding rules)."""
     g = geometry
     if g.channels_major:
-        out = planar.forward(planar.planar_image(image_BHWC, g),
-                             planar.make_plan(ix_BQ, iy_BQ, g), g, interpret)
-    else:
-        out = forward(flat_read_image(image_BHWC, g), make_plan(ix_BQ, iy_BQ, g), g, interpret)
-    return from_blocks(from_kernel_layout(out, g), g).reshape(ix_BQ.shape + (g.channels,))
+        g = planar.forward_geometry(g)
+        out_BCRW = planar.forward(planar.planar_image(image_BHWC, g),
+                                  planar.make_plan(ix_BQ, iy_BQ, g), g, interpret)
+        out_BRWC = out_BCRW[:, :, :g.out_rows, :g.out_cols].transpose(0, 2, 3, 1)
+        return out_BRWC.reshape(ix_BQ.shape + (g.channels,))
+    out = forward(flat_read_image(image_BHWC, g), make_plan(ix_BQ, iy_BQ, g), g, interpret)
+    return from_blocks(out, g).reshape(ix_BQ.shape + (g.channels,))
 
 
 def _sample_pixels_fwd(image_BHWC, ix_BQ, iy_BQ, geometry, interpret):

@@ -182,27 +182,44 @@ def rows_times(window_CRW, col_weight_WP):
     return flat.reshape(channels, rows, col_weight_WP.shape[1])
 
 
-# --- forward ----------------------------------------------------------------------------------
+# --- forward ---------------------------------------------------------------------------------
 
-def _forward_kernel(reads_ref, xy_ref, image_hbm, out_ref, window_vmem, semaphore, *,
-                    geometry):
+OUT_ROWS = 8  # forward tiles: 8 output rows x up to 128 columns, written as (C, 8, cols) blocks
+
+
+def forward_geometry(geometry):
+    """The forward's tiles: whole (8, 128) tiles of the (B, C, T * Ho, Wo) output plane (or its
+    full width where narrower), so the kernel writes the channel-major output in place and the
+    only copy left is the transpose to (B, T * Ho, Wo, C)."""
+    cols = min(round_up(geometry.out_cols, 16), LANES)  # 8 x cols: whole 128-lane vregs
+    return dataclasses.replace(geometry, block_rows=OUT_ROWS, block_cols=cols)
+
+
+def _forward_kernel(reads_ref, xy_ref, image_hbm, out_ref, window_vmem, semaphore, acc_vmem,
+                    *, geometry):
     g = geometry
     b, j = pl.program_id(0), pl.program_id(1)
-    xs = axis_taps(xy_ref[0, 0:1, :], g.width)
-    ys = axis_taps(xy_ref[0, 1:2, :], g.height)
+    acc_vmem[...] = jnp.zeros_like(acc_vmem)
 
-    def add_window(i, acc_CP):
+    def add_window(i, carry):
         (top, top_claim), (left, left_claim) = read_origin(reads_ref, b, j, i, g)
         load_window(image_hbm, b, top, left, window_vmem, semaphore, g)
-        col_weight_WP = one_hot_t(xs, xs.weight0, xs.weight1, left, left_claim, g.window_cols)
-        row_weight_RP = one_hot_t(ys, ys.weight0, ys.weight1, top, top_claim, g.window_rows)
-        sampled_CRP = rows_times(window_vmem[...], col_weight_WP)
-        return acc_CP + jnp.sum(row_weight_RP[None] * sampled_CRP, axis=1)
+        window_CRW = window_vmem[...]
+        for k in range(g.block_rows):  # one output row of the tile at a time: P = its columns
+            pixels = slice(k * g.block_cols, (k + 1) * g.block_cols)
+            xs = axis_taps(xy_ref[0, 0:1, pixels], g.width)
+            ys = axis_taps(xy_ref[0, 1:2, pixels], g.height)
+            col_weight_WP = one_hot_t(xs, xs.weight0, xs.weight1, left, left_claim,
+                                      g.window_cols)
+            row_weight_RP = one_hot_t(ys, ys.weight0, ys.weight1, top, top_claim,
+                                      g.window_rows)
+            sampled_CRP = rows_times(window_CRW, col_weight_WP)
+            acc_vmem[:, k, :] += jnp.sum(row_weight_RP[None] * sampled_CRP, axis=1)
+        return carry
 
     num_windows = reads_ref[1, b, j] * reads_ref[3, b, j]
-    acc_CP = jax.lax.fori_loop(0, num_windows, add_window,
-                               jnp.zeros(out_ref.shape[1:], jnp.float32))
-    out_ref[0] = acc_CP.astype(out_ref.dtype)
+    jax.lax.fori_loop(0, num_windows, add_window, 0)
+    out_ref[0] = acc_vmem[...].astype(out_ref.dtype)
 
 
 def _coordinate_spec(geometry):
@@ -216,19 +233,25 @@ def _image_window_scratch(geometry, dtype):
 
 
 def forward(image_BCHW, plan, geometry, interpret):
-    """(B, C, padded pixels) samples, tile-major (``image_BCHW`` from ``planar_image``)."""
+    """(B, C, T * Ho, Wo) samples (``image_BCHW`` from ``planar_image``; ``plan`` and
+    ``geometry`` from ``forward_geometry``), rows and columns padded to whole tiles."""
     g = geometry
     batch = image_BCHW.shape[0]
+    tile_rows, tile_cols = g.block_grid
     make_call = lambda interpret_flag: pl.pallas_call(
         functools.partial(_forward_kernel, geometry=g),
         grid_spec=pltpu.PrefetchScalarGridSpec(
             num_scalar_prefetch=1,
             grid=(batch, g.num_blocks),
             in_specs=[_coordinate_spec(g), pl.BlockSpec(memory_space=pl.ANY)],
-            out_specs=pl.BlockSpec((1, g.channels, g.block_pixels), lambda b, j, *_: (b, 0, j)),
-            scratch_shapes=_image_window_scratch(g, image_BCHW.dtype),
+            out_specs=pl.BlockSpec((1, g.channels, g.block_rows, g.block_cols),
+                                   lambda b, j, *_: (b, 0, j // tile_cols, j % tile_cols)),
+            scratch_shapes=_image_window_scratch(g, image_BCHW.dtype) + [
+                pltpu.VMEM((g.channels, g.block_rows, g.block_cols), jnp.float32)],
         ),
-        out_shape=jax.ShapeDtypeStruct((batch, g.channels, g.padded_pixels), image_BCHW.dtype),
+        out_shape=jax.ShapeDtypeStruct(
+            (batch, g.channels, tile_rows * g.block_rows, tile_cols * g.block_cols),
+            image_BCHW.dtype),
         compiler_params=pltpu.CompilerParams(dimension_semantics=("parallel", "parallel")),
         interpret=interpret_params(interpret_flag))
     return kernel_or_interpreter(make_call, (PLATFORM,), interpret, plan.reads_4BJ,
