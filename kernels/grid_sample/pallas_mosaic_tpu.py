@@ -101,16 +101,18 @@ def _sample_pixels_bwd(geometry, interpret, residuals, cotangent_BQC):
     image_BHWC, ix_BQ, iy_BQ = residuals
     g = geometry
     batch, height, width, channels = image_BHWC.shape
-    cotangent = to_kernel_layout(
-        to_blocks(cotangent_BQC.reshape(batch, g.out_rows, g.out_cols, channels), g), g)
-    if g.channels_major:
+    if g.channels_major:  # the forward's tiles; the cotangent read in place, channel-major
+        g = planar.forward_geometry(g)
         plan = planar.make_plan(ix_BQ, iy_BQ, g)
+        cotangent = planar.cotangent_layout(cotangent_BQC, g)
         d_image_BCHW = planar.d_image(cotangent, plan, g, interpret)[:, :, :height, :width]
         d_image_BHWC = d_image_BCHW.transpose(0, 2, 3, 1)
         d_xy_B2Q = planar.d_coordinates(planar.planar_image(image_BHWC, g), cotangent, plan, g,
                                         interpret)
         d_x_BQ, d_y_BQ = d_xy_B2Q[:, 0], d_xy_B2Q[:, 1]
     else:
+        cotangent = to_kernel_layout(
+            to_blocks(cotangent_BQC.reshape(batch, g.out_rows, g.out_cols, channels), g), g)
         plan = make_plan(ix_BQ, iy_BQ, g)
         d_image_BHWC = vjp.d_image(cotangent, plan, g, interpret)[:, :height, :width]
         d_x_BQ, d_y_BQ = vjp.d_coordinates(flat_read_image(image_BHWC, g), cotangent, plan, g,

@@ -222,6 +222,22 @@ def _forward_kernel(reads_ref, xy_ref, image_hbm, out_ref, window_vmem, semaphor
     out_ref[0] = acc_vmem[...].astype(out_ref.dtype)
 
 
+def _tile_origin(j, geometry):
+    """Block index (row, col) of tile ``j`` in a (B, C, T * Ho, Wo) plane."""
+    tile_cols = geometry.block_grid[1]
+    return j // tile_cols, j % tile_cols
+
+
+def cotangent_layout(cotangent_BQC, geometry):
+    """(B, T * Ho * Wo, C) -> (B, C, rows, cols) padded to whole forward tiles."""
+    g = geometry
+    tile_rows, tile_cols = g.block_grid
+    plane = cotangent_BQC.reshape(cotangent_BQC.shape[0], g.out_rows, g.out_cols, g.channels)
+    plane = jnp.pad(plane, ((0, 0), (0, tile_rows * g.block_rows - g.out_rows),
+                            (0, tile_cols * g.block_cols - g.out_cols), (0, 0)))
+    return plane.transpose(0, 3, 1, 2)
+
+
 def _coordinate_spec(geometry):
     return pl.BlockSpec((1, 2, geometry.block_pixels), lambda b, j, *_: (b, 0, j))
 
@@ -245,7 +261,7 @@ def forward(image_BCHW, plan, geometry, interpret):
             grid=(batch, g.num_blocks),
             in_specs=[_coordinate_spec(g), pl.BlockSpec(memory_space=pl.ANY)],
             out_specs=pl.BlockSpec((1, g.channels, g.block_rows, g.block_cols),
-                                   lambda b, j, *_: (b, 0, j // tile_cols, j % tile_cols)),
+                                   lambda b, j, *_: (b, 0) + _tile_origin(j, g)),
             scratch_shapes=_image_window_scratch(g, image_BCHW.dtype) + [
                 pltpu.VMEM((g.channels, g.block_rows, g.block_cols), jnp.float32)],
         ),
@@ -280,22 +296,25 @@ def _d_image_kernel(owned_ref, xy_ref, cotangent_ref, out_ref, *, geometry):
     def _():
         top = window // g.window_grid[1] * g.window_rows
         left = window % g.window_grid[1] * g.window_cols
-        xs = axis_taps(xy_ref[0, 0:1, :], g.width)
-        ys = axis_taps(xy_ref[0, 1:2, :], g.height)
-        col_weight_WP = one_hot_t(xs, xs.weight0, xs.weight1, left, left, g.window_cols)
-        row_weight_RP = one_hot_t(ys, ys.weight0, ys.weight1, top, top, g.window_rows)
-        cotangent_CP = cotangent_ref[0].astype(jnp.float32)
-        scaled_CRP = row_weight_RP[None] * cotangent_CP[:, None, :]
-        d_window = contract(scaled_CRP.reshape(g.channels * g.window_rows, -1),
-                            col_weight_WP, 1, 1)
+        d_window = jnp.zeros((g.channels * g.window_rows, g.window_cols), jnp.float32)
+        for k in range(g.block_rows):  # one output row of the tile at a time
+            pixels = slice(k * g.block_cols, (k + 1) * g.block_cols)
+            xs = axis_taps(xy_ref[0, 0:1, pixels], g.width)
+            ys = axis_taps(xy_ref[0, 1:2, pixels], g.height)
+            col_weight_WP = one_hot_t(xs, xs.weight0, xs.weight1, left, left, g.window_cols)
+            row_weight_RP = one_hot_t(ys, ys.weight0, ys.weight1, top, top, g.window_rows)
+            cotangent_CP = cotangent_ref[0, :, k, :].astype(jnp.float32)
+            scaled_CRP = row_weight_RP[None] * cotangent_CP[:, None, :]
+            d_window += contract(scaled_CRP.reshape(g.channels * g.window_rows, -1),
+                                 col_weight_WP, 1, 1)
         out_ref[0] += d_window.reshape(g.channels, g.window_rows, g.window_cols)
 
 
-def d_image(cotangent_BCQ, plan, geometry, interpret):
+def d_image(cotangent_BCRW, plan, geometry, interpret):
     """(B, C, window grid rows, window grid cols) float32: the forward's transpose applied to
-    the (tile-major, channel-major) cotangent, one aligned window per output block."""
+    the cotangent (``cotangent_layout``), one aligned window per output block."""
     g = geometry
-    batch = cotangent_BCQ.shape[0]
+    batch = cotangent_BCRW.shape[0]
 
     def tile_if_touching(b, window, j, owned_ref):
         # Tiles that miss the window map to tile 0: the pipeline fetches a block only when its
@@ -314,8 +333,9 @@ def d_image(cotangent_BCQ, plan, geometry, interpret):
             in_specs=[
                 pl.BlockSpec((1, 2, g.block_pixels), lambda b, w, j, owned: (
                     b, 0, tile_if_touching(b, w, j, owned))),
-                pl.BlockSpec((1, g.channels, g.block_pixels), lambda b, w, j, owned: (
-                    b, 0, tile_if_touching(b, w, j, owned)))],
+                pl.BlockSpec((1, g.channels, g.block_rows, g.block_cols),
+                             lambda b, w, j, owned: (b, 0) + _tile_origin(
+                                 tile_if_touching(b, w, j, owned), g))],
             out_specs=pl.BlockSpec((1, g.channels, g.window_rows, g.window_cols), window_block),
         ),
         out_shape=jax.ShapeDtypeStruct(
@@ -324,7 +344,7 @@ def d_image(cotangent_BCQ, plan, geometry, interpret):
             dimension_semantics=("parallel", "parallel", "arbitrary")),
         interpret=interpret_params(interpret_flag))
     return kernel_or_interpreter(make_call, (PLATFORM,), interpret, plan.owned_4BJ,
-                                 plan.xy_B2Q, cotangent_BCQ)
+                                 plan.xy_B2Q, cotangent_BCRW)
 
 
 # --- d (pixel coordinates) --------------------------------------------------------------------
@@ -333,32 +353,38 @@ def _d_coordinates_kernel(reads_ref, xy_ref, cotangent_ref, image_hbm, d_xy_ref,
                           semaphore, *, geometry):
     g = geometry
     b, j = pl.program_id(0), pl.program_id(1)
-    xs = axis_taps(xy_ref[0, 0:1, :], g.width)
-    ys = axis_taps(xy_ref[0, 1:2, :], g.height)
-    cotangent_C1P = cotangent_ref[0].astype(jnp.float32)[:, None, :]
 
     def add_window(i, acc_2P):
         (top, top_claim), (left, left_claim) = read_origin(reads_ref, b, j, i, g)
         load_window(image_hbm, b, top, left, window_vmem, semaphore, g)
-        col_weight_WP = one_hot_t(xs, xs.weight0, xs.weight1, left, left_claim, g.window_cols)
-        dcol_weight_WP = one_hot_t(xs, xs.dweight0, xs.dweight1, left, left_claim,
-                                   g.window_cols)
-        row_weight_RP = one_hot_t(ys, ys.weight0, ys.weight1, top, top_claim, g.window_rows)
-        drow_weight_RP = one_hot_t(ys, ys.dweight0, ys.dweight1, top, top_claim,
-                                   g.window_rows)
         window_CRW = window_vmem[...]
-        d_x_CRP = row_weight_RP[None] * rows_times(window_CRW, dcol_weight_WP)
-        d_y_CRP = drow_weight_RP[None] * rows_times(window_CRW, col_weight_WP)
-        d_x_1P = jnp.sum(jnp.sum(d_x_CRP * cotangent_C1P, axis=1), axis=0, keepdims=True)
-        d_y_1P = jnp.sum(jnp.sum(d_y_CRP * cotangent_C1P, axis=1), axis=0, keepdims=True)
-        return acc_2P + jnp.concatenate([d_x_1P, d_y_1P], axis=0)
+        rows = []
+        for k in range(g.block_rows):  # one output row of the tile at a time
+            pixels = slice(k * g.block_cols, (k + 1) * g.block_cols)
+            xs = axis_taps(xy_ref[0, 0:1, pixels], g.width)
+            ys = axis_taps(xy_ref[0, 1:2, pixels], g.height)
+            col_weight_WP = one_hot_t(xs, xs.weight0, xs.weight1, left, left_claim,
+                                      g.window_cols)
+            dcol_weight_WP = one_hot_t(xs, xs.dweight0, xs.dweight1, left, left_claim,
+                                       g.window_cols)
+            row_weight_RP = one_hot_t(ys, ys.weight0, ys.weight1, top, top_claim,
+                                      g.window_rows)
+            drow_weight_RP = one_hot_t(ys, ys.dweight0, ys.dweight1, top, top_claim,
+                                       g.window_rows)
+            cotangent_C1P = cotangent_ref[0, :, k, :].astype(jnp.float32)[:, None, :]
+            d_x_CRP = row_weight_RP[None] * rows_times(window_CRW, dcol_weight_WP)
+            d_y_CRP = drow_weight_RP[None] * rows_times(window_CRW, col_weight_WP)
+            rows.append(jnp.concatenate([
+                jnp.sum(jnp.sum(d_CRP * cotangent_C1P, axis=1), axis=0, keepdims=True)
+                for d_CRP in (d_x_CRP, d_y_CRP)], axis=0))
+        return acc_2P + jnp.concatenate(rows, axis=1)
 
     num_windows = reads_ref[1, b, j] * reads_ref[3, b, j]
     d_xy_ref[0] = jax.lax.fori_loop(0, num_windows, add_window,
                                     jnp.zeros(d_xy_ref.shape[1:], jnp.float32))
 
 
-def d_coordinates(image_BCHW, cotangent_BCQ, plan, geometry, interpret):
+def d_coordinates(image_BCHW, cotangent_BCRW, plan, geometry, interpret):
     """(B, 2, padded pixels) float32, tile-major: the gradient in pixel coordinates (x, y)."""
     g = geometry
     batch = image_BCHW.shape[0]
@@ -368,7 +394,8 @@ def d_coordinates(image_BCHW, cotangent_BCQ, plan, geometry, interpret):
             num_scalar_prefetch=1,
             grid=(batch, g.num_blocks),
             in_specs=[_coordinate_spec(g),
-                      pl.BlockSpec((1, g.channels, g.block_pixels), lambda b, j, *_: (b, 0, j)),
+                      pl.BlockSpec((1, g.channels, g.block_rows, g.block_cols),
+                                   lambda b, j, *_: (b, 0) + _tile_origin(j, g)),
                       pl.BlockSpec(memory_space=pl.ANY)],
             out_specs=_coordinate_spec(g),
             scratch_shapes=_image_window_scratch(g, image_BCHW.dtype),
@@ -377,4 +404,4 @@ def d_coordinates(image_BCHW, cotangent_BCQ, plan, geometry, interpret):
         compiler_params=pltpu.CompilerParams(dimension_semantics=("parallel", "parallel")),
         interpret=interpret_params(interpret_flag))
     return kernel_or_interpreter(make_call, (PLATFORM,), interpret, plan.reads_4BJ,
-                                 plan.xy_B2Q, cotangent_BCQ, image_BCHW)
+                                 plan.xy_B2Q, cotangent_BCRW, image_BCHW)
