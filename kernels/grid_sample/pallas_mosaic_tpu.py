@@ -4,7 +4,8 @@ Each grid step owns one 2-D output tile of one image (the T output planes of ima
 stacked T * Ho x Wo plane, so T x B batches need no copies of the image). It loops over the
 windows the pre-pass found for its tile (``pallas_mosaic_tpu_common``): DMA the window
 HBM -> VMEM, build the one-hot interpolation matrix M, accumulate ``M @ window`` in float32 on
-the MXU. Gradients (``pallas_mosaic_tpu_vjp``) are taken in pixel coordinates; XLA autodiff
+the MXU. Images of fewer than 128 channels take the planar path instead
+(``pallas_mosaic_tpu_planar``: channel-major image and output, separable weights). Gradients (``pallas_mosaic_tpu_vjp``) are taken in pixel coordinates; XLA autodiff
 chains them through the padding rules (``reference.source_coordinates``), so they match the
 reference.
 

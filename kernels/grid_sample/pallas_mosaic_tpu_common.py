@@ -1,25 +1,25 @@
-"""What the TPU warp kernels share: the XLA pre-pass (taps, tiles, windows) and in-kernel helpers.
+"""What the TPU warp kernels share: geometry, tile order, and the pixel-major path's pre-pass.
 
 Mosaic TPU cannot gather rows of a VMEM ref by a vector of indices, so the kernels never
 gather. Outputs are cut into 2-D tiles (``block_rows x block_cols`` pixels of one image's
-T * Ho x Wo output plane, P pixels in all), and the source read through 2-D *windows*
-(``window_rows x window_cols`` pixels), DMA'd HBM -> VMEM one image row segment at a time
-into a flat (window pixels, C) buffer. Within one window, bilinear sampling is a matmul with a
-one-hot interpolation matrix M (P x window pixels, at most 4 non-zeros per row: the tap
-weights).
+T * Ho x Wo output plane, P pixels in all) and the source is read through 2-D *windows*.
+Two paths, by channel count (``Geometry.channels_major``):
 
-The pre-pass (plain XLA) finds the rows and columns each tile's taps span. The forward (and
-d_grid) windows start at that span's top row and at the tile-aligned column at or left of its
-first column (Mosaic DMAs start on whole tiles), and step by whole windows until they cover it: one window when a tile's footprint fits one (smooth flows), all of the image for a
-random flow, so any flow is handled. d_image owns an aligned grid of windows instead (each
-d_image block is one window), and the pre-pass also gives the range of those a tile touches.
-
-Layouts are lane-dense: the pre-pass's per-pixel arrays are (B, 4, pixels) and the coordinate
-gradients (B, 2, pixels), pixels on the 128-wide lane axis (a (B, pixels, 4) array would be
-padded to 128 lanes in HBM, 32x). Kernels therefore build the transposed matrix
-M^T (window pixels x P) from (4, P) taps. For the same reason, images of fewer than 128
-channels have their per-pixel values (samples, cotangents, d_image windows) channel-major,
-(B, C, pixels), and wider ones pixel-major, (B, pixels, C) (``Geometry.channels_major``).
+- C >= 128, pixel-major (this module, ``pallas_mosaic_tpu``, ``pallas_mosaic_tpu_vjp``): the
+  image is a flat (B, pixels, C) array (C on the lanes, nothing padded) and a window
+  (``window_rows x window_cols`` pixels) is DMA'd HBM -> VMEM one image row segment at a time
+  into a flat (window pixels, C) buffer. Within one window, bilinear sampling is a matmul with
+  a one-hot interpolation matrix M (P x window pixels, at most 4 non-zeros per row). The
+  pre-pass (plain XLA, ``make_plan``) gives per-pixel taps as lane-dense (B, 4, pixels) arrays
+  (a (B, pixels, 4) one would be padded to 128 lanes in HBM, 32x), so kernels build M^T
+  (window pixels x P), and per tile the rows and columns its taps span: the forward (and
+  d_grid) windows start at that span's top row and at the 16-aligned column at or left of its
+  first column (Mosaic DMAs start on whole tiles) and step by whole windows until they cover
+  it (one window for smooth flows, all of the image for random ones). d_image owns an aligned
+  grid of windows instead, and the pre-pass also gives the range of those a tile touches.
+- C < 128, planar (``pallas_mosaic_tpu_planar``): C on the lanes would be padded 128 / C times
+  in HBM, so the image is (B, C, rows, cols), the output and cotangent (B, C, T * Ho, Wo), and
+  bilinear weights are applied separably (a column and a row matrix per window); see there.
 """
 
 import dataclasses

@@ -8,11 +8,16 @@ multiple of ``ROW_STEP`` and its left column on a multiple of 128 (Mosaic DMAs s
 tiles); where the image is smaller than a window the window is clamped into it and claims only
 the taps from its nominal start on, so overlapping windows never count a tap twice.
 
+Output tiles are 8 rows x up to 128 columns of the (B, C, T * Ho, Wo) output plane, written in
+place as (C, 8, cols) blocks, and the backward reads the cotangent in the same layout: with
+XLA's planar layout for these arrays the transposes to and from (B, T * Ho, Wo, C) are free.
+A tile is processed one output row (P = its columns) at a time.
+
 Bilinear weights are separable: tap (x, y) has weight wx(x) * wy(y), wx = 0 (wy = 0) for a
 tap column (row) outside the image, which is the reference's product-with-inside-mask exactly;
-its derivatives are dwx * wy and wx * dwy (dwx = -1 at x0, +1 at x1, inside). Per window the
-kernels build a column matrix ``col_weight_WP`` (window cols x P) and a row matrix
-``row_weight_RP`` (window rows x P) from the pixels' coordinates, and
+its derivatives are dwx * wy and wx * dwy (dwx = -1 at x0, +1 at x1, inside). Per window and
+output row the kernels build a column matrix ``col_weight_WP`` (window cols x P) and a row
+matrix ``row_weight_RP`` (window rows x P) from the pixels' coordinates, and
 
 - forward: ``A = window(C * rows, cols) @ col_weight_WP``; ``out(C, P) = sum_r row_weight * A``;
 - d_image (per owned aligned window): ``((row_weight * g)(C * rows, P)) @ col_weight^T``;
