@@ -67,7 +67,7 @@ def test_random_flows_make_tiles_loop_over_several_windows(rng, index, planar_pa
     _, grid, _ = specs.make_inputs(case, rng)
     geometry = make_geometry(case.height, case.width, case.channels,
                              case.repeats * case.out_h, case.out_w, SMALL_TILES)
-    assert geometry.channels_major == planar_path
+    assert geometry.planar == planar_path
     if planar_path:
         geometry = planar.forward_geometry(geometry)
     plan_of = planar.make_plan if planar_path else make_plan

@@ -3,7 +3,7 @@
 Mosaic TPU cannot gather rows of a VMEM ref by a vector of indices, so the kernels never
 gather. Outputs are cut into 2-D tiles (``block_rows x block_cols`` pixels of one image's
 T * Ho x Wo output plane, P pixels in all) and the source is read through 2-D *windows*.
-Two paths, by channel count (``Geometry.channels_major``):
+Two paths, by channel count (``Geometry.planar``):
 
 - C >= 128, pixel-major (this module, ``pallas_mosaic_tpu``, ``pallas_mosaic_tpu_vjp``): the
   image is a flat (B, pixels, C) array (C on the lanes, nothing padded) and a window
@@ -70,8 +70,9 @@ class Geometry:
         return self.num_blocks * self.block_pixels
 
     @property
-    def channels_major(self):
-        """Per-pixel values as (C, pixels): C on the lanes would pad to 128 lanes in HBM."""
+    def planar(self):
+        """Whether the call takes the planar path (``pallas_mosaic_tpu_planar``): below 128
+        channels, C on the lanes would be padded to 128 lanes in HBM."""
         return self.channels < LANES
 
     @property
@@ -302,32 +303,12 @@ def contract(a, b, a_dim, b_dim):
                                preferred_element_type=jnp.float32)
 
 
-def sample_window(matrix_t_WP, window_WC, geometry):
-    """M @ window from M^T: (C, P) if ``geometry.channels_major``, else (P, C)."""
-    if geometry.channels_major:
-        return contract(window_WC, matrix_t_WP, 0, 0)
-    return contract(matrix_t_WP, window_WC, 0, 0)
-
-
 def pixel_values_spec(geometry, index_map):
-    """BlockSpec of one tile of per-pixel values ((1, C, P) or (1, P, C)); ``index_map`` gives
-    (b, tile)."""
+    """BlockSpec of one tile of tile-major (B, pixels, C) values, a (1, P, C) block;
+    ``index_map`` gives (b, tile)."""
     g = geometry
-    if g.channels_major:
-        return pl.BlockSpec((1, g.channels, g.block_pixels),
-                            lambda *i: (index_map(*i)[0], 0, index_map(*i)[1]))
     return pl.BlockSpec((1, g.block_pixels, g.channels),
                         lambda *i: (index_map(*i)[0], index_map(*i)[1], 0))
-
-
-def to_kernel_layout(values_BQC, geometry):
-    """Tile-major (B, pixels, C) -> the kernels' layout ((B, C, pixels) when channel-major)."""
-    return values_BQC.transpose(0, 2, 1) if geometry.channels_major else values_BQC
-
-
-def from_kernel_layout(values, geometry):
-    """Inverse of ``to_kernel_layout``."""
-    return values.transpose(0, 2, 1) if geometry.channels_major else values
 
 
 def interpret_params(interpret):
