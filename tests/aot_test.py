@@ -67,8 +67,9 @@ def test_triton_kernels_compile_for_h100_without_spills(dtype, channels):
 # The XLA reference warp's temporaries at the dense-motion shape on v5e (float32, jax 0.10.2,
 # libtpu 0.0.42.1, experiments/aot_compile.py, 2026-12-03, compiled, not run): forward
 # 0.675 GiB, forward + backward 4.345 GiB. The ceiling: the kernels' forward AND backward
-# together need no more than XLA's forward alone (they measured 0.238 GiB; before the
-# lane-dense layouts, 6.47 GiB forward and 11.1 GiB with the backward).
+# together need no more than XLA's forward alone (the planar path, C < 128, measured 0.000 GiB;
+# the pixel-major code for every C 0.238 GiB; before the lane-dense layouts, 6.47 GiB forward
+# and 11.1 GiB with the backward).
 CEILING_GIB = 0.675
 
 
