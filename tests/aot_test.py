@@ -96,7 +96,7 @@ def test_small_train_step_compiles_with_the_kernels(target, implementation, call
     from safetriage_jax.train import step
     config = load_python_config("configs/train.py:small")
     config.train.update(batch_size=2, perceptual_weights="random")
-    config.model.warp_implementation = implementation
+    config.train.warp_implementation = implementation
     sharding = jax.sharding.NamedSharding(aot.mesh(target), jax.sharding.PartitionSpec())
     # Deviceless XLA:GPU (jax 0.10.2) cannot tile the `small` config's tiny float32 GEMMs as
     # Triton fusions ("Couldn't find output tile sizes", f32[6,3] in affine_grid, with xla or
