@@ -67,8 +67,9 @@ def test_triton_kernels_compile_for_h100_without_spills(dtype, channels):
 # The XLA reference warp's temporaries at the dense-motion shape on v5e (float32, jax 0.10.2,
 # libtpu 0.0.42.1, experiments/aot_compile.py, 2026-12-03, compiled, not run): forward
 # 0.675 GiB, forward + backward 4.345 GiB. The ceiling: the kernels' forward AND backward
-# together need no more than XLA's forward alone (they measured 0.238 GiB; before the
-# lane-dense layouts, 6.47 GiB forward and 11.1 GiB with the backward).
+# together need no more than XLA's forward alone (the planar path, C < 128, measured 0.000 GiB;
+# the pixel-major code for every C 0.238 GiB; before the lane-dense layouts, 6.47 GiB forward
+# and 11.1 GiB with the backward).
 CEILING_GIB = 0.675
 
 
@@ -95,7 +96,7 @@ def test_small_train_step_compiles_with_the_kernels(target, implementation, call
     from safetriage_jax.train import step
     config = load_python_config("configs/train.py:small")
     config.train.update(batch_size=2, perceptual_weights="random")
-    config.model.warp_implementation = implementation
+    config.train.warp_implementation = implementation
     sharding = jax.sharding.NamedSharding(aot.mesh(target), jax.sharding.PartitionSpec())
     # Deviceless XLA:GPU (jax 0.10.2) cannot tile the `small` config's tiny float32 GEMMs as
     # Triton fusions ("Couldn't find output tile sizes", f32[6,3] in affine_grid, with xla or

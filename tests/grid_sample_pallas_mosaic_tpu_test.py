@@ -11,6 +11,7 @@ from jax.sharding import AbstractDevice, AbstractMesh, AxisType
 
 from conftest import TINY
 from safetriage_jax.kernels.grid_sample import api, config, grid_sample, pallas_mosaic_tpu, specs
+from safetriage_jax.kernels.grid_sample import pallas_mosaic_tpu_planar as planar
 from safetriage_jax.kernels.grid_sample.pallas_mosaic_tpu_common import make_geometry, make_plan
 from safetriage_jax.kernels.grid_sample.reference import source_coordinates
 from safetriage_jax.kernels.grid_sample.specs import Case
@@ -20,8 +21,10 @@ from safetriage_jax.models.tpsmm import TPSMM
 
 # Tiles far smaller than the defaults, so the tiny cases below span several output tiles and
 # several windows per tile in both directions: the window loop, the per-tile window ranges and
-# the d_image windows are all exercised.
-SMALL_TILES = config.MosaicTpuConfig(block_rows=8, block_cols=16, window_rows=4, window_cols=16)
+# the d_image windows are all exercised. Planar windows (C < 128) are at their smallest legal
+# rows (16) only where the image is; 32 x 256 so that 40 x 300 images need clamped windows.
+SMALL_TILES = config.MosaicTpuConfig(block_rows=8, block_cols=16, window_rows=4, window_cols=16,
+                                     planar_window_rows=32, planar_window_cols=256)
 
 # Every padding mode and alignment once, across both dtypes, C = 3 and 128, random, smooth
 # (TPS-like) and on-border flows; all with T x B grid batches. Interpret mode compiles each
@@ -36,6 +39,13 @@ CASES = (
          flow="smooth"),
     Case(2, 2, 9, 37, 3, 7, 11, padding_mode="reflection", align_corners=False),
     Case(1, 2, 9, 20, 128, 6, 8, dtype="bfloat16", padding_mode="zeros"),
+    # Planar path (C < 128) on images wider and taller than one window (clamped, overlapping
+    # windows), C = 1, 3, 4, both dtypes.
+    Case(1, 2, 40, 300, 3, 8, 24, padding_mode="border", align_corners=True),
+    Case(2, 1, 40, 300, 1, 9, 20, padding_mode="zeros", align_corners=False),
+    Case(1, 1, 40, 300, 4, 8, 16, dtype="bfloat16", padding_mode="reflection",
+         align_corners=False),
+    Case(1, 2, 40, 300, 3, 16, 16, dtype="bfloat16", padding_mode="zeros", flow="smooth"),
 )
 
 
@@ -49,21 +59,27 @@ class TestMosaicTpuInterpret(GridSampleTestBase):
                                  config=SMALL_TILES)
 
 
-def test_random_flows_make_tiles_loop_over_several_windows(rng):
-    """The cases above really take the multi-window paths (else the loops are untested)."""
-    case = CASES[0]
+@pytest.mark.parametrize("index,planar_path", [(6, False), (8, True)])
+def test_random_flows_make_tiles_loop_over_several_windows(rng, index, planar_path):
+    """The cases above really take the multi-window paths (else the loops are untested): the
+    pixel-major path (C >= 128) and the planar one (C < 128, clamped windows)."""
+    case = CASES[index]
     _, grid, _ = specs.make_inputs(case, rng)
     geometry = make_geometry(case.height, case.width, case.channels,
                              case.repeats * case.out_h, case.out_w, SMALL_TILES)
+    assert geometry.planar == planar_path
+    if planar_path:
+        geometry = planar.forward_geometry(geometry)
+    plan_of = planar.make_plan if planar_path else make_plan
 
     @jax.jit
     def window_ranges(grid_BQ2):
-        ix = source_coordinates(grid_BQ2[..., 0], case.width, "zeros", True)
-        iy = source_coordinates(grid_BQ2[..., 1], case.height, "zeros", True)
-        plan = make_plan(ix, iy, geometry)
+        ix = source_coordinates(grid_BQ2[..., 0], case.width, case.padding_mode, True)
+        iy = source_coordinates(grid_BQ2[..., 1], case.height, case.padding_mode, True)
+        plan = plan_of(ix, iy, geometry)
         return plan.reads_4BJ, plan.owned_4BJ  # the forward's windows, d_image's
 
-    assert geometry.block_grid == (2, 1) and geometry.window_grid == (3, 3)
+    assert geometry.window_grid == ((2, 2) if planar_path else (3, 2))
     for _, rows, _, cols in window_ranges(jnp.asarray(grid).reshape(case.batch, -1, 2)):
         assert int((rows * cols).max()) == geometry.num_windows  # a tile needs every window
 

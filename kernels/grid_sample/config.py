@@ -60,14 +60,21 @@ TRITON = {
 class MosaicTpuConfig:
     """Tiles of the TPU kernels: 2-D output tiles per grid step, 2-D source windows in VMEM.
 
-    Each step builds a (tile pixels, window pixels) one-hot interpolation matrix in VMEM, so
-    its float32 size (256 x 1024 x 4 bytes = 1 MiB at the defaults) bounds the working set.
+    Each step of the pixel-major path (C >= 128) builds a (tile pixels, window pixels) one-hot
+    interpolation matrix in VMEM, so its float32 size (256 x 1024 x 4 bytes = 1 MiB at the
+    defaults) bounds the working set; the planar path (C < 128) builds separable (window cols
+    x tile pixels) and (window rows x tile pixels) matrices instead.
     Unmeasured on a TPU: chosen to fit VMEM and the MXU's 128-wide tiles, not tuned.
     """
     block_rows: int = 16    # output tile; rows * cols a multiple of 128
     block_cols: int = 16
-    window_rows: int = 32   # source window; cols a multiple of 16
-    window_cols: int = 32
+    window_rows: int = 32   # source window of C >= 128 images (pixel-major); cols a multiple
+    window_cols: int = 32   # of 16
+    # Source window of C < 128 images (planar, ``pallas_mosaic_tpu_planar``): rows a multiple
+    # of 16, cols of 128. 256 columns from a 128-aligned start hold a smooth flow's 16 x 16
+    # tile footprint in one window; the matrices are (cols x tile pixels) + (rows x tile pixels).
+    planar_window_rows: int = 32
+    planar_window_cols: int = 256
 
 
 MOSAIC_TPU = MosaicTpuConfig()

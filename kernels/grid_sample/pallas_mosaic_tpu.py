@@ -1,12 +1,15 @@
 """Pallas Mosaic TPU backend of the grid-sample op: forward kernel and its custom VJP.
 
-Each grid step owns one 2-D output tile of one image (the T output planes of image b are one
-stacked T * Ho x Wo plane, so T x B batches need no copies of the image). It loops over the
-windows the pre-pass found for its tile (``pallas_mosaic_tpu_common``): DMA the window
-HBM -> VMEM, build the one-hot interpolation matrix M, accumulate ``M @ window`` in float32 on
-the MXU. Gradients (``pallas_mosaic_tpu_vjp``) are taken in pixel coordinates; XLA autodiff
-chains them through the padding rules (``reference.source_coordinates``), so they match the
-reference.
+Images of 128 channels or more take the pixel-major path (this module's ``forward`` and
+``pallas_mosaic_tpu_vjp``): each grid step owns one 2-D output tile of one image (the T output
+planes of image b are one stacked T * Ho x Wo plane, so T x B batches need no copies of the
+image) and loops over the windows the pre-pass found for its tile
+(``pallas_mosaic_tpu_common``): DMA the window HBM -> VMEM, build the one-hot interpolation
+matrix M, accumulate ``M @ window`` in float32 on the MXU, (P, C) with C on the lanes. Images of
+fewer than 128 channels take the planar path instead (``pallas_mosaic_tpu_planar``:
+channel-major image and output, separable weights). Gradients are taken in pixel coordinates;
+XLA autodiff chains them through the padding rules (``reference.source_coordinates``), so they
+match the reference.
 
 bfloat16 images are DMA'd as bfloat16 and widened in VMEM: weights and accumulation stay
 float32, as the reference's. Proven in TPU interpret mode and by lowering for TPU v5e/v6e
@@ -21,11 +24,12 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
 from safetriage_jax.kernels.grid_sample import config as tile_config
+from safetriage_jax.kernels.grid_sample import pallas_mosaic_tpu_planar as planar
 from safetriage_jax.kernels.grid_sample import pallas_mosaic_tpu_vjp as vjp
 from safetriage_jax.kernels.grid_sample.pallas_mosaic_tpu_common import (
-    NUM_TAPS, flat_read_image, from_blocks, from_kernel_layout, interpolation_matrix_t,
-    interpret_params, load_window, make_geometry, make_plan, num_windows_of, pixel_values_spec,
-    sample_window, to_blocks, to_kernel_layout, window_origin)
+    NUM_TAPS, contract, flat_read_image, from_blocks, interpolation_matrix_t, interpret_params,
+    load_window, make_geometry, make_plan, num_windows_of, pixel_values_spec, to_blocks,
+    window_origin)
 from safetriage_jax.kernels.grid_sample.platforms import kernel_or_interpreter
 from safetriage_jax.kernels.grid_sample.reference import source_coordinates
 
@@ -33,7 +37,6 @@ PLATFORM = "tpu"
 DTYPES = (jnp.float32, jnp.bfloat16)
 VMEM_BUDGET_BYTES = 16 * 2**20  # v5e's default scoped VMEM; the kernels' working sets stay under
 MAX_INDEX = 2**31 - 1           # flat pixel indices are int32
-LANES = 128                     # a (P, C < 128) block occupies whole 128-lane vregs
 SUBLANES = 8                    # a (4, P) or (2, P) block occupies whole 8-sublane vregs
 
 
@@ -41,12 +44,12 @@ def _forward_kernel(reads_ref, row_ref, col_ref, weight_ref, image_hbm, out_ref,
                     window_vmem, semaphore, *, geometry):
     b, j = pl.program_id(0), pl.program_id(1)
 
-    def add_window(i, acc):  # (C, P) or (P, C)
+    def add_window(i, acc_PC):
         top, left = window_origin(reads_ref, b, j, i, geometry)
         load_window(image_hbm, b, top, left, window_vmem, semaphore, geometry)
-        matrix_t = interpolation_matrix_t(row_ref[0], col_ref[0], weight_ref[0], top, left,
-                                          geometry)
-        return acc + sample_window(matrix_t, window_vmem[...], geometry)
+        matrix_t_WP = interpolation_matrix_t(row_ref[0], col_ref[0], weight_ref[0], top, left,
+                                             geometry)
+        return acc_PC + contract(matrix_t_WP, window_vmem[...], 0, 0)  # M @ window
 
     acc = jnp.zeros(out_ref.shape[1:], jnp.float32)
     acc = jax.lax.fori_loop(0, num_windows_of(reads_ref, b, j), add_window, acc)
@@ -54,8 +57,8 @@ def _forward_kernel(reads_ref, row_ref, col_ref, weight_ref, image_hbm, out_ref,
 
 
 def forward(image_BPC, plan, geometry, interpret):
-    """Samples at the plan's taps, tile-major, in the kernels' layout (``from_kernel_layout``
-    and ``from_blocks`` undo it)."""
+    """(B, padded pixels, C) samples at the plan's taps, tile-major (``from_blocks`` undoes
+    it); ``image_BPC`` from ``flat_read_image``."""
     g = geometry
     batch = image_BPC.shape[0]
     tap_spec = pl.BlockSpec((1, NUM_TAPS, g.block_pixels), lambda b, j, *_: (b, 0, j))
@@ -69,9 +72,7 @@ def forward(image_BPC, plan, geometry, interpret):
             scratch_shapes=[pltpu.VMEM((g.window_pixels, g.channels), image_BPC.dtype),
                             pltpu.SemaphoreType.DMA(())],
         ),
-        out_shape=jax.ShapeDtypeStruct(
-            (batch,) + ((g.channels, g.padded_pixels) if g.channels_major
-                        else (g.padded_pixels, g.channels)), image_BPC.dtype),
+        out_shape=jax.ShapeDtypeStruct((batch, g.padded_pixels, g.channels), image_BPC.dtype),
         compiler_params=pltpu.CompilerParams(dimension_semantics=("parallel", "parallel")),
         interpret=interpret_params(interpret_flag))
     return kernel_or_interpreter(make_call, (PLATFORM,), interpret, plan.reads_4BJ,
@@ -81,9 +82,15 @@ def forward(image_BPC, plan, geometry, interpret):
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
 def sample_pixels(image_BHWC, ix_BQ, iy_BQ, geometry, interpret):
     """(B, Q, C) bilinear samples at pixel coordinates (already through the padding rules)."""
-    plan = make_plan(ix_BQ, iy_BQ, geometry)
-    out = forward(flat_read_image(image_BHWC, geometry), plan, geometry, interpret)
-    return from_blocks(from_kernel_layout(out, geometry), geometry).reshape(ix_BQ.shape + (geometry.channels,))
+    g = geometry
+    if g.planar:
+        g = planar.forward_geometry(g)
+        out_BCRW = planar.forward(planar.planar_image(image_BHWC, g),
+                                  planar.make_plan(ix_BQ, iy_BQ, g), g, interpret)
+        out_BRWC = out_BCRW[:, :, :g.out_rows, :g.out_cols].transpose(0, 2, 3, 1)
+        return out_BRWC.reshape(ix_BQ.shape + (g.channels,))
+    out = forward(flat_read_image(image_BHWC, g), make_plan(ix_BQ, iy_BQ, g), g, interpret)
+    return from_blocks(out, g).reshape(ix_BQ.shape + (g.channels,))
 
 
 def _sample_pixels_fwd(image_BHWC, ix_BQ, iy_BQ, geometry, interpret):
@@ -94,12 +101,22 @@ def _sample_pixels_bwd(geometry, interpret, residuals, cotangent_BQC):
     image_BHWC, ix_BQ, iy_BQ = residuals
     g = geometry
     batch, height, width, channels = image_BHWC.shape
-    plan = make_plan(ix_BQ, iy_BQ, g)
-    cotangent = to_kernel_layout(
-        to_blocks(cotangent_BQC.reshape(batch, g.out_rows, g.out_cols, channels), g), g)
-    d_image_BHWC = vjp.d_image(cotangent, plan, g, interpret)[:, :height, :width]
-    d_x_BQ, d_y_BQ = vjp.d_coordinates(flat_read_image(image_BHWC, g), cotangent, plan, g,
-                                       interpret)
+    if g.planar:  # the forward's tiles; the cotangent read in place, channel-major
+        g = planar.forward_geometry(g)
+        plan = planar.make_plan(ix_BQ, iy_BQ, g)
+        cotangent = planar.cotangent_layout(cotangent_BQC, g)
+        d_image_BCHW = planar.d_image(cotangent, plan, g, interpret)[:, :, :height, :width]
+        d_image_BHWC = d_image_BCHW.transpose(0, 2, 3, 1)
+        d_xy_B2Q = planar.d_coordinates(planar.planar_image(image_BHWC, g), cotangent, plan, g,
+                                        interpret)
+        d_x_BQ, d_y_BQ = d_xy_B2Q[:, 0], d_xy_B2Q[:, 1]
+    else:
+        cotangent_BPC = to_blocks(
+            cotangent_BQC.reshape(batch, g.out_rows, g.out_cols, channels), g)
+        plan = make_plan(ix_BQ, iy_BQ, g)
+        d_image_BHWC = vjp.d_image(cotangent_BPC, plan, g, interpret)[:, :height, :width]
+        d_x_BQ, d_y_BQ = vjp.d_coordinates(flat_read_image(image_BHWC, g), cotangent_BPC, plan,
+                                           g, interpret)
     return (d_image_BHWC.astype(image_BHWC.dtype),
             from_blocks(d_x_BQ, g).reshape(ix_BQ.shape),
             from_blocks(d_y_BQ, g).reshape(iy_BQ.shape))
@@ -120,10 +137,17 @@ def check_supported(image_BHWC, geometry):
                                   "elements per batch row; its indices are int32.")
     # The largest step's VMEM (d_coordinates: two matrices, taps, window, accumulators; the
     # d_image step's output window block is counted with the window), float32 upper bounds.
-    matrices = 2 * g.block_pixels * g.window_pixels * 4
-    taps = 2 * 5 * SUBLANES * g.block_pixels * 4  # (4, P) blocks fill 8 sublanes
-    windows = 3 * g.window_pixels * max(g.channels, LANES) * 4
-    pixel_blocks = 4 * g.block_pixels * max(g.channels, LANES) * 4
+    if g.planar:  # separable matrices, (C, rows, cols) windows, (C, rows, P)
+        matrices = 2 * g.block_pixels * (g.window_rows + g.window_cols) * 4
+        taps = 2 * 3 * SUBLANES * g.block_pixels * 4  # (2, P) coordinate blocks
+        windows = 4 * g.channels * g.window_pixels * 4
+        pixel_blocks = (4 * max(g.channels, SUBLANES) + 3 * g.channels * g.window_rows) \
+            * g.block_pixels * 4
+    else:  # pixel-major: one-hot (window pixels, P) matrices, (pixels, C >= 128) blocks
+        matrices = 2 * g.block_pixels * g.window_pixels * 4
+        taps = 2 * 5 * SUBLANES * g.block_pixels * 4  # (4, P) blocks fill 8 sublanes
+        windows = 3 * g.window_pixels * g.channels * 4
+        pixel_blocks = 4 * g.block_pixels * g.channels * 4
     if matrices + taps + windows + pixel_blocks > VMEM_BUDGET_BYTES:
         raise NotImplementedError(
             f"pallas_mosaic_tpu: {g.window_rows} x {g.window_cols}-pixel windows of "

@@ -1,25 +1,25 @@
-"""What the TPU warp kernels share: the XLA pre-pass (taps, tiles, windows) and in-kernel helpers.
+"""What the TPU warp kernels share: geometry, tile order, and the pixel-major path's pre-pass.
 
 Mosaic TPU cannot gather rows of a VMEM ref by a vector of indices, so the kernels never
 gather. Outputs are cut into 2-D tiles (``block_rows x block_cols`` pixels of one image's
-T * Ho x Wo output plane, P pixels in all), and the source read through 2-D *windows*
-(``window_rows x window_cols`` pixels), DMA'd HBM -> VMEM one image row segment at a time
-into a flat (window pixels, C) buffer. Within one window, bilinear sampling is a matmul with a
-one-hot interpolation matrix M (P x window pixels, at most 4 non-zeros per row: the tap
-weights).
+T * Ho x Wo output plane, P pixels in all) and the source is read through 2-D *windows*.
+Two paths, by channel count (``Geometry.planar``):
 
-The pre-pass (plain XLA) finds the rows and columns each tile's taps span. The forward (and
-d_grid) windows start at that span's top row and at the tile-aligned column at or left of its
-first column (Mosaic DMAs start on whole tiles), and step by whole windows until they cover it: one window when a tile's footprint fits one (smooth flows), all of the image for a
-random flow, so any flow is handled. d_image owns an aligned grid of windows instead (each
-d_image block is one window), and the pre-pass also gives the range of those a tile touches.
-
-Layouts are lane-dense: the pre-pass's per-pixel arrays are (B, 4, pixels) and the coordinate
-gradients (B, 2, pixels), pixels on the 128-wide lane axis (a (B, pixels, 4) array would be
-padded to 128 lanes in HBM, 32x). Kernels therefore build the transposed matrix
-M^T (window pixels x P) from (4, P) taps. For the same reason, images of fewer than 128
-channels have their per-pixel values (samples, cotangents, d_image windows) channel-major,
-(B, C, pixels), and wider ones pixel-major, (B, pixels, C) (``Geometry.channels_major``).
+- C >= 128, pixel-major (this module, ``pallas_mosaic_tpu``, ``pallas_mosaic_tpu_vjp``): the
+  image is a flat (B, pixels, C) array (C on the lanes, nothing padded) and a window
+  (``window_rows x window_cols`` pixels) is DMA'd HBM -> VMEM one image row segment at a time
+  into a flat (window pixels, C) buffer. Within one window, bilinear sampling is a matmul with
+  a one-hot interpolation matrix M (P x window pixels, at most 4 non-zeros per row). The
+  pre-pass (plain XLA, ``make_plan``) gives per-pixel taps as lane-dense (B, 4, pixels) arrays
+  (a (B, pixels, 4) one would be padded to 128 lanes in HBM, 32x), so kernels build M^T
+  (window pixels x P), and per tile the rows and columns its taps span: the forward (and
+  d_grid) windows start at that span's top row and at the 16-aligned column at or left of its
+  first column (Mosaic DMAs start on whole tiles) and step by whole windows until they cover
+  it (one window for smooth flows, all of the image for random ones). d_image owns an aligned
+  grid of windows instead, and the pre-pass also gives the range of those a tile touches.
+- C < 128, planar (``pallas_mosaic_tpu_planar``): C on the lanes would be padded 128 / C times
+  in HBM, so the image is (B, C, rows, cols), the output and cotangent (B, C, T * Ho, Wo), and
+  bilinear weights are applied separably (a column and a row matrix per window); see there.
 """
 
 import dataclasses
@@ -32,6 +32,8 @@ from jax.experimental.pallas import tpu as pltpu
 NUM_TAPS = 4
 LANES = 128
 WINDOW_COL_STEP = 16  # window columns: whole (16, 128) bfloat16 tiles per image row segment
+PLANAR_ROW_STEP = 16  # planar window rows (C < 128): whole (16, 128) bfloat16 tiles
+PLANAR_WINDOW_BYTES = 2**20  # planar windows wider than 128 columns stay under this (float32)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -68,8 +70,9 @@ class Geometry:
         return self.num_blocks * self.block_pixels
 
     @property
-    def channels_major(self):
-        """Per-pixel values as (C, pixels): C on the lanes would pad to 128 lanes in HBM."""
+    def planar(self):
+        """Whether the call takes the planar path (``pallas_mosaic_tpu_planar``): below 128
+        channels, C on the lanes would be padded to 128 lanes in HBM."""
         return self.channels < LANES
 
     @property
@@ -104,6 +107,10 @@ class Geometry:
         return (self.height + self.window_rows) * self.read_width
 
 
+def _round_up(value, step):
+    return -(-value // step) * step
+
+
 def make_geometry(height, width, channels, out_rows, out_cols, config):
     """The call's tiles from a ``MosaicTpuConfig``, windows shrunk to the image where smaller."""
     if (config.block_rows * config.block_cols) % LANES:
@@ -112,8 +119,18 @@ def make_geometry(height, width, channels, out_rows, out_cols, config):
     if config.window_cols % WINDOW_COL_STEP:
         raise ValueError(f"MosaicTpuConfig.window_cols must be a multiple of "
                          f"{WINDOW_COL_STEP}; got {config.window_cols}.")
-    window_rows = min(config.window_rows, height)
-    window_cols = min(config.window_cols, -(-width // WINDOW_COL_STEP) * WINDOW_COL_STEP)
+    if config.planar_window_rows % PLANAR_ROW_STEP or config.planar_window_cols % LANES:
+        raise ValueError(f"MosaicTpuConfig: planar_window_rows must be a multiple of "
+                         f"{PLANAR_ROW_STEP} and planar_window_cols of {LANES}; got "
+                         f"{config.planar_window_rows} x {config.planar_window_cols}.")
+    if channels < LANES:  # planar windows (pallas_mosaic_tpu_planar), clamped to the image
+        window_rows = min(config.planar_window_rows, _round_up(height, PLANAR_ROW_STEP))
+        window_cols = min(config.planar_window_cols, _round_up(width, LANES))
+        while channels * window_rows * window_cols * 4 > PLANAR_WINDOW_BYTES and window_cols > LANES:
+            window_cols = _round_up(window_cols // 2, LANES)  # many channels: narrower windows
+    else:
+        window_rows = min(config.window_rows, height)
+        window_cols = min(config.window_cols, _round_up(width, WINDOW_COL_STEP))
     return Geometry(height, width, channels, out_rows, out_cols, config.block_rows,
                     config.block_cols, window_rows, window_cols)
 
@@ -286,32 +303,12 @@ def contract(a, b, a_dim, b_dim):
                                preferred_element_type=jnp.float32)
 
 
-def sample_window(matrix_t_WP, window_WC, geometry):
-    """M @ window from M^T: (C, P) if ``geometry.channels_major``, else (P, C)."""
-    if geometry.channels_major:
-        return contract(window_WC, matrix_t_WP, 0, 0)
-    return contract(matrix_t_WP, window_WC, 0, 0)
-
-
 def pixel_values_spec(geometry, index_map):
-    """BlockSpec of one tile of per-pixel values ((1, C, P) or (1, P, C)); ``index_map`` gives
-    (b, tile)."""
+    """BlockSpec of one tile of tile-major (B, pixels, C) values, a (1, P, C) block;
+    ``index_map`` gives (b, tile)."""
     g = geometry
-    if g.channels_major:
-        return pl.BlockSpec((1, g.channels, g.block_pixels),
-                            lambda *i: (index_map(*i)[0], 0, index_map(*i)[1]))
     return pl.BlockSpec((1, g.block_pixels, g.channels),
                         lambda *i: (index_map(*i)[0], index_map(*i)[1], 0))
-
-
-def to_kernel_layout(values_BQC, geometry):
-    """Tile-major (B, pixels, C) -> the kernels' layout ((B, C, pixels) when channel-major)."""
-    return values_BQC.transpose(0, 2, 1) if geometry.channels_major else values_BQC
-
-
-def from_kernel_layout(values, geometry):
-    """Inverse of ``to_kernel_layout``."""
-    return values.transpose(0, 2, 1) if geometry.channels_major else values
 
 
 def interpret_params(interpret):

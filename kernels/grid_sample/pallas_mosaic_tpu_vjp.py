@@ -1,4 +1,5 @@
-"""Backward kernels of the TPU grid sample: d_image and d (pixel coordinates).
+"""Backward kernels of the TPU grid sample's pixel-major path (C >= 128): d_image and
+d (pixel coordinates). The planar path (C < 128) has its own in ``pallas_mosaic_tpu_planar``.
 
 - ``d_image``: the transpose of the forward, ``M^T @ g``. Each grid step owns one source
   window of the d_image of one image as a float32 VMEM-resident output block (privatised: no
@@ -50,19 +51,15 @@ def _d_image_kernel(owned_ref, row_ref, col_ref, weight_ref, cotangent_ref, out_
         left = window % geometry.window_grid[1] * geometry.window_cols
         matrix_t_WP = interpolation_matrix_t(row_ref[0], col_ref[0], weight_ref[0], top, left,
                                              geometry)
-        if geometry.channels_major:  # (C, W) += g (C, P) @ M
-            out_ref[0, 0] += contract(cotangent_ref[0], matrix_t_WP, 1, 1)
-        else:  # (W, C) += M^T @ g (P, C)
-            out_ref[0, 0] += contract(matrix_t_WP, cotangent_ref[0], 1, 0)
+        out_ref[0, 0] += contract(matrix_t_WP, cotangent_ref[0], 1, 0)  # (W, C) += M^T @ g
 
 
-def d_image(cotangent, plan, geometry, interpret):
+def d_image(cotangent_BPC, plan, geometry, interpret):
     """(B, padded H, padded W, C) float32: the forward's transpose applied to the cotangent
-    (tile-major, in the kernels' layout)."""
+    (``cotangent_BPC``: (B, padded pixels, C), tile-major)."""
     g = geometry
-    batch = cotangent.shape[0]
-    window_block = ((g.channels, g.window_pixels) if g.channels_major
-                    else (g.window_pixels, g.channels))
+    batch = cotangent_BPC.shape[0]
+    window_block = (g.window_pixels, g.channels)
 
     def tile_if_touching(b, window, j, owned_ref):
         # Tiles that miss the window map to tile 0: the pipeline fetches a block only when its
@@ -87,11 +84,8 @@ def d_image(cotangent, plan, geometry, interpret):
         interpret=interpret_params(interpret_flag))
     by_window = kernel_or_interpreter(
         make_call, (PLATFORM,), interpret, plan.owned_4BJ, plan.row_B4Q, plan.col_B4Q,
-        plan.weight_B4Q, cotangent)
+        plan.weight_B4Q, cotangent_BPC)
     rows, cols = g.window_grid
-    if g.channels_major:
-        by_window = by_window.reshape(batch, rows, cols, g.channels, g.window_pixels)
-        by_window = by_window.transpose(0, 1, 2, 4, 3)
     by_window = by_window.reshape(batch, rows, cols, g.window_rows, g.window_cols, g.channels)
     return jnp.swapaxes(by_window, 2, 3).reshape(batch, rows * g.window_rows,
                                                  cols * g.window_cols, g.channels)
@@ -105,8 +99,7 @@ def _d_coordinates_kernel(reads_ref, row_ref, col_ref, d_dx_ref, d_dy_ref, cotan
         top, left = window_origin(reads_ref, b, j, i, geometry)
         load_window(image_hbm, b, top, left, window_vmem, semaphore, geometry)
         # (window pixels, P): each window pixel's values against each pixel's cotangent.
-        products_WP = contract(window_vmem[...], cotangent_ref[0], 1,
-                               0 if geometry.channels_major else 1)
+        products_WP = contract(window_vmem[...], cotangent_ref[0], 1, 1)
         d_x_1P, d_y_1P = (
             jnp.sum(interpolation_matrix_t(row_ref[0], col_ref[0], d_ref[0], top, left,
                                            geometry) * products_WP, axis=0, keepdims=True)
@@ -118,9 +111,10 @@ def _d_coordinates_kernel(reads_ref, row_ref, col_ref, d_dx_ref, d_dy_ref, cotan
     d_xy_ref[0] = acc_2P
 
 
-def d_coordinates(image_BPC, cotangent, plan, geometry, interpret):
+def d_coordinates(image_BPC, cotangent_BPC, plan, geometry, interpret):
     """(d x, d y), each (B, padded pixels) float32 and tile-major: the gradient in pixels
-    (``cotangent`` tile-major in the kernels' layout)."""
+    (``image_BPC`` from ``flat_read_image``, ``cotangent_BPC`` (B, padded pixels, C),
+    tile-major)."""
     g = geometry
     batch = image_BPC.shape[0]
     tap_spec = pl.BlockSpec((1, NUM_TAPS, g.block_pixels), lambda b, j, *_: (b, 0, j))
@@ -141,5 +135,5 @@ def d_coordinates(image_BPC, cotangent, plan, geometry, interpret):
         interpret=interpret_params(interpret_flag))
     d_xy_B2Q = kernel_or_interpreter(
         make_call, (PLATFORM,), interpret, plan.reads_4BJ, plan.row_B4Q, plan.col_B4Q,
-        plan.dweight_dx_B4Q, plan.dweight_dy_B4Q, cotangent, image_BPC)
+        plan.dweight_dx_B4Q, plan.dweight_dy_B4Q, cotangent_BPC, image_BPC)
     return d_xy_B2Q[:, 0], d_xy_B2Q[:, 1]
