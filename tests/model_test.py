@@ -14,7 +14,7 @@ from safetriage_jax.errors import SafeTriageError
 from safetriage_jax.models import geometry
 from safetriage_jax.models.config import TPSMMConfig, load_model_config
 from safetriage_jax.models.layers import resize_bilinear_align_corners, resize_nearest
-from safetriage_jax.models.tpsmm import TPSMM
+from safetriage_jax.models.tpsmm import TPSMM, variable_shapes
 
 
 def _frames(rng, batch, size):
@@ -118,8 +118,19 @@ def test_config_presets_and_overrides():
     assert TPSMMConfig.from_dict(dataclasses.asdict(cfg)) == cfg
 
 
+def test_encoder_width_sets_both_resnet_encoders():
+    """Upstream's encoders start at torchvision's 64 channels; encoder_width narrows both."""
+    for width in (64, 16):
+        shapes = variable_shapes(TPSMMConfig(encoder_width=width))["params"]
+        for encoder in (shapes["kp_detector"]["fg_encoder"], shapes["bg_predictor"]["bg_encoder"]):
+            assert encoder["conv1"]["kernel"].shape[-1] == width
+            assert encoder["layer4_1"]["conv2"]["kernel"].shape == (3, 3, 8 * width, 8 * width)
+            assert encoder["fc"]["kernel"].shape[0] == 8 * width
+
+
 @pytest.mark.parametrize("changes,message", [
     ({"scale_factor": 0.3}, "scale_factor"),
+    ({"encoder_width": 0}, "encoder_width must be from 1"),
     ({"num_down_blocks": 2}, "num_down_blocks=3"),
     ({"image_size": 100}, "divisible"),
     ({"image_size": 160, "dense_num_blocks": 5}, "dense-motion hourglass"),

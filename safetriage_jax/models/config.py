@@ -19,6 +19,9 @@ class TPSMMConfig:
     num_channels: int = 3
     bg: bool = True
     multi_mask: bool = True
+    # The ResNet-18 encoders of KPDetector and BGMotionPredictor: first-stage channels (each
+    # later stage doubles them). Upstream uses torchvision's 64; narrower ones train faster.
+    encoder_width: int = 64
     # InpaintingNetwork ("generator_params").
     generator_block_expansion: int = 64
     generator_max_features: int = 512
@@ -81,6 +84,7 @@ class TPSMMConfig:
 
 # Sizes a model may have (beyond them a run only ends in an out-of-memory crash).
 MODEL_LIMITS = {"image_size": (32, 4096), "num_tps": (1, 64), "num_channels": (1, 4),
+                "encoder_width": (1, 1024),
                 "generator_block_expansion": (1, 4096), "generator_max_features": (1, 8192),
                 "num_down_blocks": (1, 6), "dense_block_expansion": (1, 4096),
                 "dense_max_features": (1, 8192), "dense_num_blocks": (1, 8),

@@ -11,12 +11,13 @@ class KPDetector(nn.Module):
     """ResNet-18 regressing num_tps * 5 keypoints, squashed into [-1, 1] (float32)."""
 
     num_tps: int
+    width: int = 64  # the ResNet-18's first-stage channels
     policy: Policy = Policy()
 
     @nn.compact
     def __call__(self, image_BHWC, train: bool = False):
-        raw_BF = ResNet18(self.num_tps * 5 * 2, policy=self.policy, name="fg_encoder")(
-            image_BHWC, train)
+        encoder = ResNet18(self.num_tps * 5 * 2, self.width, policy=self.policy, name="fg_encoder")
+        raw_BF = encoder(image_BHWC, train)
         kp_BF = nn.sigmoid(raw_BF.astype(jnp.float32)) * 2 - 1
         return kp_BF.reshape(image_BHWC.shape[0], self.num_tps * 5, 2)
 
@@ -32,11 +33,12 @@ class BGMotionPredictor(nn.Module):
     Starts at the identity (zero head weights), as upstream initialises it. The matrix is float32.
     """
 
+    width: int = 64  # the ResNet-18's first-stage channels
     policy: Policy = Policy()
 
     @nn.compact
     def __call__(self, source_BHWC, driving_BHWC, train: bool = False):
-        encoder = ResNet18(6, head_kernel_init=nn.initializers.zeros_init(),
+        encoder = ResNet18(6, self.width, head_kernel_init=nn.initializers.zeros_init(),
                            head_bias_init=_identity_affine_bias, policy=self.policy,
                            name="bg_encoder")
         affine_B6 = encoder(jnp.concatenate([source_BHWC, driving_BHWC], axis=-1), train)

@@ -10,7 +10,6 @@ import jax.numpy as jnp
 from safetriage_jax.models.layers import batch_norm, conv
 from safetriage_jax.models.policy import Policy, conv_output
 
-STAGE_WIDTHS = (64, 128, 256, 512)
 
 
 class BasicBlock(nn.Module):
@@ -37,10 +36,13 @@ class BasicBlock(nn.Module):
 class ResNet18(nn.Module):
     """ResNet-18 with a linear head of ``num_outputs``; any number of input channels.
 
+    ``width`` is the first stage's channels (torchvision: 64); each later stage doubles it.
+
     Runs in the policy's compute dtype, head included (the caller casts what it regresses).
     """
 
     num_outputs: int
+    width: int = 64
     head_kernel_init: object = nn.linear.default_kernel_init
     head_bias_init: object = nn.initializers.zeros_init()
     policy: Policy = Policy()
@@ -48,11 +50,12 @@ class ResNet18(nn.Module):
     @nn.compact
     def __call__(self, x_BHWC, train: bool = False):
         dtype = self.policy.dtype
-        x_BHWC = conv(64, 7, 2, use_bias=False, dtype=dtype, name="conv1")(x_BHWC)
+        x_BHWC = conv(self.width, 7, 2, use_bias=False, dtype=dtype, name="conv1")(x_BHWC)
         x_BHWC = nn.relu(batch_norm(train, dtype, name="bn1")(x_BHWC))
         x_BHWC = nn.max_pool(x_BHWC, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
         basic_block = self.policy.block(BasicBlock, static_argnums=(2,))  # train is static
-        for stage, width in enumerate(STAGE_WIDTHS):
+        for stage in range(4):
+            width = self.width * 2 ** stage
             for block in range(2):
                 stride = 2 if stage > 0 and block == 0 else 1
                 x_BHWC = basic_block(width, stride, self.policy,

@@ -32,9 +32,9 @@ class TPSMM(nn.Module):
 
     def setup(self):
         cfg, policy = self.config, self.policy
-        self.kp_detector = KPDetector(cfg.num_tps, policy)
+        self.kp_detector = KPDetector(cfg.num_tps, cfg.encoder_width, policy)
         if cfg.bg:
-            self.bg_predictor = BGMotionPredictor(policy)
+            self.bg_predictor = BGMotionPredictor(cfg.encoder_width, policy)
         self.dense_motion_network = DenseMotionNetwork(
             num_tps=cfg.num_tps, block_expansion=cfg.dense_block_expansion,
             max_features=cfg.dense_max_features, num_blocks=cfg.dense_num_blocks,
