@@ -15,7 +15,8 @@ from safetriage_jax.errors import SafeTriageError
 from safetriage_jax.models.tpsmm import initialize
 from safetriage_jax.train import distributed
 from safetriage_jax.train import step as train_lib
-from safetriage_jax.train.trainer import MeshTrainer, fit, owned_workdir, write_from_primary
+from safetriage_jax.train.trainer import (RUN_ONCE, MeshTrainer, fit, owned_workdir,
+                                          write_from_primary)
 
 
 def open_dataset(config, split):
@@ -63,7 +64,8 @@ class Trainer(MeshTrainer):
         self.step = self.jit_step(functools.partial(
             train_lib.train_step, model=self.model, vgg=self.vgg, cfg=config), num_extras=2)
         self.predict = self.jit_predict(self._predict_impl)
-        self._init_state = jax.jit(self._init_state_impl, out_shardings=self.replicated)
+        self._init_state = jax.jit(self._init_state_impl, out_shardings=self.replicated,
+                                   compiler_options=RUN_ONCE)
 
     def _init_state_impl(self, model_key, step_key):
         variables = initialize(self.model_config, model_key)
