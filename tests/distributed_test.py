@@ -22,7 +22,7 @@ import time
 import numpy as np
 import pytest
 
-from conftest import TINY_TRAIN
+from conftest import TINY_TRAIN, cpu_devices_env
 from safetriage_jax import cli
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -43,8 +43,7 @@ def launch(workdir, data_dir, *, processes, devices, num_steps, resume=False, sa
     ``workdir``.<stage>.log-<i>; returns the Popen objects."""
     spec = (f"{ROOT}/configs/train.py:{TINY_TRAIN},data.data_dir={data_dir},{SETTINGS},"
             f"train.num_steps={num_steps},log.sample_every_steps={samples}")
-    env = dict(os.environ, JAX_PLATFORMS="cpu",  # with the session's compilation cache
-               XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}")
+    env = cpu_devices_env(devices)  # with the session's compilation cache
     port = free_port()
     runs = []
     for index in range(processes):

@@ -26,8 +26,7 @@ def main(argv=None):
     parser.add_argument("--checkpoint-dir", required=True)
     args = parser.parse_args(argv)
     assert jax.device_count() == 8, jax.devices()
-    config = tiny_train_config("unused", "train.bg_start=0", "train.batch_size=8",
-                               "train.loss_weights.perceptual=10.0;0.0;0.0;0.0;0.0")
+    config = tiny_train_config("unused", "train.bg_start=0", "train.batch_size=8")
     rng = np.random.default_rng(args.seed)
     print("numpy seed", args.seed)
     batch = {k: rng.integers(0, 256, (8, 64, 64, 3), dtype=np.uint8) for k in ("source", "driving")}

@@ -12,7 +12,7 @@ import jax
 import numpy as np
 import pytest
 
-from conftest import TINY_TRAIN, tiny_train_config
+from conftest import TINY_TRAIN, cpu_devices_env, tiny_train_config
 from safetriage_jax import cli
 from safetriage_jax.errors import SafeTriageError
 from safetriage_jax.train import backbone
@@ -132,8 +132,7 @@ def eight_devices_run(tmp_path_factory):
     seed = int(os.environ.get("SAFETRIAGE_TEST_SEED", "0"))  # fixed: a failure reproduces
     argv = [sys.executable, "-m", "tests.eight_devices_check", "--seed", str(seed),
             "--checkpoint-dir", str(tmp_path_factory.mktemp("sharding") / "ck")]
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8",
-               JAX_PLATFORMS="cpu")
+    env = cpu_devices_env(8)
     process = subprocess.Popen(argv, env=env, cwd=ROOT, text=True, stdout=subprocess.PIPE,
                                stderr=subprocess.PIPE)
     yield process
