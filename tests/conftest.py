@@ -22,18 +22,23 @@ if "JAX_COMPILATION_CACHE_DIR" not in os.environ:  # else a parent session's, or
     os.environ["JAX_COMPILATION_CACHE_DIR"] = tempfile.mkdtemp(prefix="safetriage-xla-")
     atexit.register(shutil.rmtree, os.environ["JAX_COMPILATION_CACHE_DIR"], ignore_errors=True)
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.5")
+jax.config.update("jax_compilation_cache_dir", os.environ["JAX_COMPILATION_CACHE_DIR"])
+jax.config.update("jax_persistent_cache_min_compile_time_secs",
+                  float(os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"]))
+
 # Compile without LLVM's optimisations (same HLO, same float semantics: XLA:CPU uses no
-# fast-math): on two cores the suite spends more time compiling than running.
-os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} --xla_backend_optimization_level=0"
+# fast-math): on two cores the suite spends more time compiling than running. Subprocesses
+# inherit it; set before the first computation creates the CPU backend.
+FAST_COMPILE = "--xla_backend_optimization_level=0"
+if FAST_COMPILE not in os.environ.get("XLA_FLAGS", ""):
+    os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {FAST_COMPILE}".strip()
 
 
 def cpu_devices_env(count):
     """os.environ for a subprocess on ``count`` host CPU devices (keeping the flags above)."""
     flags = f"{os.environ['XLA_FLAGS']} --xla_force_host_platform_device_count={count}"
     return dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=flags)
-jax.config.update("jax_compilation_cache_dir", os.environ["JAX_COMPILATION_CACHE_DIR"])
-jax.config.update("jax_persistent_cache_min_compile_time_secs",
-                  float(os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"]))
+
 
 # The smallest model that still exercises every code path (all five networks, four masks).
 TINY = TPSMMConfig(image_size=64, num_tps=2, encoder_width=16, generator_block_expansion=8,

@@ -11,7 +11,6 @@ from safetriage_jax.models.layers import batch_norm, conv
 from safetriage_jax.models.policy import Policy, conv_output
 
 
-
 class BasicBlock(nn.Module):
     """Two 3x3 convs with BatchNorm and an identity (or 1x1 strided projection) shortcut."""
 
