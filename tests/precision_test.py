@@ -28,6 +28,9 @@ def test_conv_flop_count_matches_the_formula_forward_and_backward(rng):
     loss = lambda x, k: jnp.sum(conv(x, k).astype(jnp.float32))
     text = jax.jit(jax.value_and_grad(loss, argnums=(0, 1))).lower(image, kernel).as_text()
     assert cost.conv_flops_by_dtype(text) == {"bf16": 3 * forward}
+    # Twice through one inner jit of a lambda: one function, @"<lambda>" (a quoted name), two calls.
+    twice = jax.jit(lambda x, k: jax.jit(conv)(x, k) + jax.jit(conv)(x, k))
+    assert cost.conv_flops_by_dtype(twice.lower(image, kernel).as_text()) == {"bf16": 2 * forward}
 
 
 def test_bf16_policy_puts_the_vox256_step_convs_in_bf16():

@@ -12,8 +12,9 @@ import re
 from safetriage_jax.errors import SafeTriageError
 from safetriage_jax.models.policy import Policy
 
-_FUNC = re.compile(r"func\.func\s+(?:public\s+|private\s+)?@([\w.$-]+)")
-_CALL = re.compile(r"(?:func\.)?call\s+@([\w.$-]+)")
+_NAME = r'@("[^"]+"|[\w.$-]+)'  # symbol names: quoted when not identifiers (@"<lambda>")
+_FUNC = re.compile(r"func\.func\s+(?:public\s+|private\s+)?" + _NAME)
+_CALL = re.compile(r"(?:func\.)?call\s+" + _NAME)
 _CONV = re.compile(r"stablehlo\.convolution.*?dim_numbers\s*=\s*\[([^\]]*)\]x\[([^\]]*)\]->\[([^\]]*)\]"
                    r".*:\s*\(tensor<([^>]*)>,\s*tensor<([^>]*)>\)\s*->\s*tensor<([^>]*)>")
 _HLO_SHAPE = re.compile(r"\b(pred|[fsu]\d+|bf16|c\d+)\[([\d,]*)\]")
