@@ -27,9 +27,11 @@ jax.config.update("jax_persistent_cache_min_compile_time_secs",
                   float(os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"]))
 
 # Compile without LLVM's optimisations (same HLO, same float semantics: XLA:CPU uses no
-# fast-math): on two cores the suite spends more time compiling than running. Subprocesses
-# inherit it; set before the first computation creates the CPU backend.
-FAST_COMPILE = "--xla_backend_optimization_level=0"
+# fast-math) and with XLA:CPU's older elemental emitters (the tiny train step's compile: 37 -> 27
+# CPU-seconds, its steps ~10% slower): on two cores the suite spends more time compiling than
+# running. Both flags exist in jaxlib 0.10.2 and 0.11.2 (XLA aborts on an unknown one).
+# Subprocesses inherit them; set before the first computation creates the CPU backend.
+FAST_COMPILE = "--xla_backend_optimization_level=0 --xla_cpu_use_fusion_emitters=false"
 if FAST_COMPILE not in os.environ.get("XLA_FLAGS", ""):
     os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {FAST_COMPILE}".strip()
 
