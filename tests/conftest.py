@@ -67,9 +67,13 @@ def tiny_train_config(data_dir, *overrides):
     return get_config(",".join([TINY_TRAIN, f"data.data_dir={data_dir}", *overrides]))
 
 
-# The files that take longest (docs/development.md, "Durations"), started first: pytest-xdist
-# hands whole files to its two workers in collection order, so the long ones overlap the rest.
-SLOWEST_FIRST = ("distributed_test.py", "train_test.py", "precision_test.py", "prompt_test.py")
+# The files that take longest (docs/development.md, "Durations"), longest first: pytest-xdist
+# hands whole files to its two workers in collection order, so the long ones overlap the rest
+# and the short ones fill the end (both workers finish close together).
+SLOWEST_FIRST = ("distributed_test.py", "train_test.py", "precision_test.py",
+                 "deid_evaluation_test.py", "deid_test.py", "safety_test.py",
+                 "grid_sample_pallas_mosaic_tpu_test.py", "grid_sample_pallas_triton_test.py",
+                 "prompt_test.py", "deid_face_backend_test.py", "animate_test.py")
 
 
 def pytest_collection_modifyitems(items):
