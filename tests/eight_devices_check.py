@@ -32,7 +32,10 @@ def main(argv=None):
                                 "model.image_size=32", "data.size=32")
     rng = np.random.default_rng(args.seed)
     print("numpy seed", args.seed)
-    batch = {k: rng.integers(0, 256, (8, 32, 32, 3), dtype=np.uint8) for k in ("source", "driving")}
+    size = config.model.image_size
+    images = lambda n: {k: rng.integers(0, 256, (n, size, size, 3), dtype=np.uint8)
+                        for k in ("source", "driving")}
+    batch = images(8)
     (one, state_1, metrics_1), (eight, state_8, metrics_8) = steps_on_one_and_eight(config, batch)
     errors = dict(loss=relative_error(metrics_8["loss"], metrics_1["loss"]),
                   batch_stats=relative_error(state_8.batch_stats, state_1.batch_stats),
@@ -50,7 +53,7 @@ def main(argv=None):
         np.testing.assert_array_equal(a, b)
 
     config.train.update(batch_size=16, micro_batches=2)
-    batch = {k: rng.integers(0, 256, (16, 32, 32, 3), dtype=np.uint8) for k in ("source", "driving")}
+    batch = images(16)
     (_, state_1, metrics_1), (_, state_8, metrics_8) = steps_on_one_and_eight(config, batch)
     errors = dict(loss=relative_error(metrics_8["loss"], metrics_1["loss"]),
                   batch_stats=relative_error(state_8.batch_stats, state_1.batch_stats))
